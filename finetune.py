@@ -1,0 +1,76 @@
+"""Phase 3 of PAD: triple experts with frequency-aware gating, fine-tuned on L_REC
+(Sec. 3.3, Eq. 8-11, Alg. 1 lines 15-23), with the ablations of Sec. 4.7 (Fig. 5b).
+
+    python finetune.py --data ml-100k [--gate freq] [--experts id,align,llm]
+
+Reads the phase-1 (--pretrain) and phase-2 (--align) checkpoints and writes
+runs/NAME/finetune_BACKBONE_GATE_EXPERTS_seedS.pt with a metrics .json, which also holds
+the mean gate probability of each expert per frequency bucket on the test users.
+"""
+import argparse
+
+import torch
+
+from evaluate import protocol, split_sequences
+from models import BACKBONES, EXPERTS, GATES, build_model, model_from_checkpoint, read_checkpoint
+from prepare_data import load_dataset
+from pretrain import add_training_args, finish, fit, resolve_device
+
+
+def parse_experts(text):
+    experts = [e for e in text.split(",") if e]
+    if not experts or any(e not in EXPERTS for e in experts) or len(set(experts)) != len(experts):
+        raise argparse.ArgumentTypeError(f"--experts {text!r}: a comma-separated subset of {','.join(EXPERTS)}, e.g. id,align,llm")
+    return [e for e in EXPERTS if e in experts]  # canonical order id, align, llm
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_args(p)
+    p.add_argument("--backbone", default="sasrec", choices=BACKBONES, help="backbone of the phase-1/2 checkpoints")
+    p.add_argument("--pretrain", default=None, help="phase-1 checkpoint (ID expert); default runs/NAME/pretrain_BACKBONE_seedS.pt")
+    p.add_argument("--align", default=None,
+                   help="phase-2 checkpoint (alignment expert); default runs/NAME/align_BACKBONE_gaussian_rec_gamma0.1_seedS.pt")
+    p.add_argument("--experts", type=parse_experts, default=EXPERTS, help="experts kept, of id,align,llm (Eq. 8-10); paper: all three")
+    p.add_argument("--gate", default="freq", choices=GATES,
+                   help="freq: Eq. (11) on bucket b(i) and expert state (paper); bucket: authors' release; none: one global weight per expert")
+    args = p.parse_args()
+
+    torch.manual_seed(args.seed)
+    device = resolve_device(args.device)
+    data = load_dataset(args.data)
+    name = data["name"]
+    paths = {"id": args.pretrain or f"runs/{name}/pretrain_{args.backbone}_seed{args.seed}.pt",
+             "align": args.align or f"runs/{name}/align_{args.backbone}_gaussian_rec_gamma0.1_seed{args.seed}.pt"}
+    ckpts = {k: read_checkpoint(paths[k]) for k in ("id", "align") if k in args.experts or k == "id"}
+    model_args = {**ckpts["id"]["model_args"], "kind": "pad", "experts": list(args.experts), "gate": args.gate}
+    model_args.pop("expert")
+    out = args.out or f"runs/{name}/finetune_{args.backbone}_{args.gate}_{'-'.join(args.experts)}_seed{args.seed}.pt"
+
+    # --- Eq. (8)-(10): ID expert from phase 1, alignment expert from phase 2, new LLM expert ---
+    model = build_model(model_args, data)
+    for kind, phase in (("id", 1), ("align", 2)):
+        if kind in args.experts:
+            seeded = model_from_checkpoint(ckpts[kind], data, paths[kind], phase=phase, backbone=args.backbone)
+            model.experts[kind].load_state_dict(seeded.state_dict())
+    model.to(device)
+
+    # --- Eq. (11): Phi = sum_k g_k(b(i), h_k) o_k, trained with BCE on Phi (MMD removed) ---
+    print(protocol(data, "valid", 10))
+    print(f"phase 3: experts {','.join(args.experts)}, gate {args.gate}, from {', '.join(paths[k] for k in ckpts)}")
+    model, log = fit(model, data, args)
+    model.eval()
+    with torch.no_grad():
+        test_in, _ = split_sequences(data["seqs"], "test")
+        gate = model.gate_per_bucket(test_in.to(device)).cpu()  # (B, K)
+    print("mean gate probability per target bucket (1 = warmest):")
+    print("bucket " + " ".join(f"{k:>6}" for k in args.experts))
+    for b, row in enumerate(gate.tolist(), start=1):
+        print(f"{b:6d} " + " ".join(f"{v:6.3f}" for v in row))
+    finish(model, model_args, data, args, 3, log, out,
+           extra={"gate_per_bucket": {b: dict(zip(args.experts, row)) for b, row in enumerate(gate.tolist(), start=1)},
+                  "init": paths})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,385 @@
+"""All modelling code of PAD (Wang et al., 2024), built bottom-up.
+
+    attention block -> SASRec / GRU4Rec / Caser sequence encoders (Sec. 2.1, Table 3)
+    -> item representations: ID table, f_MLP over the frozen text table (Eq. 7), fused
+    -> Expert: one sequential recommender = item representation + encoder (Eq. 8-10)
+    -> gates (Eq. 11) -> PAD: triple experts fused by frequency-aware gating (Sec. 3.3)
+
+Shapes: B = batch of users, L = input window (20), d = hidden size (128), N = number of
+items (ids 1..N, 0 is padding), K = number of experts, d_text = text embedding size.
+Every model exposes the same two calls used by the phase scripts and by evaluate.py:
+    bce_logits(seq, pos, neg) -> (pos_logits, neg_logits), both (B, L)   # Eq. (1) / (6)
+    full_scores(seq)          -> (B, N+1) scores of every item after the last position
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BACKBONES = ("sasrec", "gru4rec", "caser")
+EXPERTS = ("id", "align", "llm")
+GATES = ("freq", "bucket", "none")
+
+
+# --- Sequence encoders: (B, L, d) item representations -> (B, L, d) states ---------------
+# Each is causal: the state at position t depends on items 1..t only.
+
+
+class SelfAttentionBlock(nn.Module):
+    """One SASRec block: causal multi-head self-attention + point-wise feed-forward.
+
+    DEVIATION: post-LayerNorm residual blocks, as in the authors' release; Kang & McAuley
+    (2018) and SASRec.pytorch normalise before attention (pre-LN on the queries).
+    """
+
+    def __init__(self, d, n_heads, dropout):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln_attn = nn.LayerNorm(d)
+        self.ffn = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d, d))
+        self.ln_ffn = nn.LayerNorm(d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, attn_mask):
+        B, L, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=-1)  # 3 x (B, L, d)
+        q, k, v = (t.view(B, L, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, L, d/H)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
+        a = a.transpose(1, 2).reshape(B, L, d)  # (B, L, d)
+        x = self.ln_attn(x + self.drop(self.proj(a)))
+        return self.ln_ffn(x + self.drop(self.ffn(x)))
+
+
+class SASRec(nn.Module):
+    """SASRec encoder (Kang & McAuley, 2018): scaled item representations + learned
+    positions, then causal self-attention blocks; padding positions are zeroed."""
+
+    def __init__(self, d, L, n_blocks=5, n_heads=2, dropout=0.1):
+        super().__init__()
+        self.pos = nn.Embedding(L, d)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(SelfAttentionBlock(d, n_heads, dropout) for _ in range(n_blocks))
+
+    def forward(self, e, mask):
+        B, L, d = e.shape  # e: (B, L, d), mask: (B, L) True on real items
+        x = e * math.sqrt(d) + self.pos(torch.arange(L, device=e.device))  # (B, L, d)
+        x = self.drop(x) * mask.unsqueeze(-1)
+        causal = torch.ones(L, L, dtype=torch.bool, device=e.device).tril()  # (L, L) key <= query
+        # a query may see real keys up to itself; itself always, so padded rows stay finite
+        attn_mask = (causal & mask[:, None, :]) | torch.eye(L, dtype=torch.bool, device=e.device)  # (B, L, L)
+        attn_mask = attn_mask.unsqueeze(1)  # (B, 1, L, L), broadcast over heads
+        for block in self.blocks:
+            x = block(x, attn_mask) * mask.unsqueeze(-1)
+        return x  # (B, L, d)
+
+
+class GRU4Rec(nn.Module):
+    """GRU4Rec encoder (Hidasi et al., 2016) as in RecBole: dropout on the inputs, a GRU,
+    and a dense layer back to d."""
+
+    def __init__(self, d, L, n_layers=1, dropout=0.1):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.gru = nn.GRU(d, d, num_layers=n_layers, batch_first=True)
+        self.dense = nn.Linear(d, d)
+
+    def forward(self, e, mask):
+        x = self.drop(e) * mask.unsqueeze(-1)  # (B, L, d), padding inputs are zero vectors
+        h, _ = self.gru(x)  # (B, L, d)
+        return self.dense(h) * mask.unsqueeze(-1)
+
+
+class Caser(nn.Module):
+    """Caser encoder (Tang & Wang, 2018): horizontal convolutions of every height
+    1..L with max-pooling over time, and vertical convolutions across the window.
+
+    Caser reads a window of the last L items and predicts the next one. To give it the
+    same per-position interface as the other encoders, the window ending at each
+    position t (left-padded with zero vectors) is encoded separately, so position t
+    never sees items after t.
+    DEVIATION: no user embedding P_u (Caser concatenates one); every PAD expert is
+    user-agnostic and reads the behaviour sequence only.
+    """
+
+    def __init__(self, d, L, n_h=16, n_v=4, dropout=0.1):
+        super().__init__()
+        self.L = L
+        self.conv_v = nn.Conv2d(1, n_v, (L, 1))
+        self.conv_h = nn.ModuleList(nn.Conv2d(1, n_h, (h, d)) for h in range(1, L + 1))
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(n_v * d + n_h * L, d)
+
+    def forward(self, e, mask):
+        B, L, d = e.shape
+        x = F.pad(e * mask.unsqueeze(-1), (0, 0, self.L - 1, 0))  # (B, L + L_w - 1, d)
+        w = x.unfold(1, self.L, 1).transpose(2, 3).reshape(B * L, 1, self.L, d)  # (B*L, 1, L_w, d) window ending at t
+        o_v = self.conv_v(w).view(B * L, -1)  # (B*L, n_v * d)
+        o_h = [F.relu(conv(w)).squeeze(3).amax(dim=2) for conv in self.conv_h]  # L_w x (B*L, n_h)
+        z = F.relu(self.fc(self.drop(torch.cat([o_v, *o_h], dim=1))))  # (B*L, d)
+        return z.view(B, L, d) * mask.unsqueeze(-1)
+
+
+def make_encoder(backbone, d, L, n_blocks, n_heads, dropout):
+    if backbone == "sasrec":
+        return SASRec(d, L, n_blocks, n_heads, dropout)
+    if backbone == "gru4rec":
+        return GRU4Rec(d, L, dropout=dropout)
+    if backbone == "caser":
+        return Caser(d, L, dropout=dropout)
+    raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)} (--backbone)")
+
+
+# --- Item representations: item ids (...) -> (..., d) -------------------------------------
+
+
+class TextMLP(nn.Module):
+    """Eq. (7): f_MLP(SG(h_text), w), the learnable reduction of the frozen text table.
+
+    As in the authors' release: d_text -> d with GELU, then four [dropout, linear, GELU].
+    The text table is a non-persistent buffer: frozen (stop-gradient) and never copied
+    into checkpoints; it is re-attached from the prepared dataset.
+    """
+
+    def __init__(self, text_emb, d, dropout, n_layers=4):
+        super().__init__()
+        self.register_buffer("h_text", text_emb, persistent=False)  # (N+1, d_text)
+        layers = [nn.Linear(text_emb.shape[1], d), nn.GELU()]
+        for _ in range(n_layers):
+            layers += [nn.Dropout(dropout), nn.Linear(d, d), nn.GELU()]
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, items):
+        return self.mlp(self.h_text[items].float())  # (..., d); h_text is never updated
+
+
+class IDItems(nn.Module):
+    """Collaborative item embeddings h^c: one learnable row per item id."""
+
+    def __init__(self, n_items, d):
+        super().__init__()
+        self.h_c = nn.Embedding(n_items + 1, d, padding_idx=0)
+        nn.init.normal_(self.h_c.weight, std=d ** -0.5)
+        with torch.no_grad():
+            self.h_c.weight[0].zero_()
+
+    def forward(self, items):
+        return self.h_c(items)  # (..., d)
+
+
+class TextItems(nn.Module):
+    """Textual item embeddings h^s = f_MLP(SG(h_text)) (the LLM expert, Eq. 10)."""
+
+    def __init__(self, text_emb, d, dropout):
+        super().__init__()
+        self.f_mlp = TextMLP(text_emb, d, dropout)
+
+    def forward(self, items):
+        return self.f_mlp(items)
+
+
+class AlignedItems(nn.Module):
+    """The alignment expert's item representation (Eq. 6, 9): the ID embedding h^c_a and
+    the reduced text embedding h^s_a fused as GELU(Linear([h^c_a ; h^s_a])), as in the
+    authors' release. `parts` gives both halves for the MK-MMD of Eq. (5)."""
+
+    def __init__(self, n_items, text_emb, d, dropout):
+        super().__init__()
+        self.id = IDItems(n_items, d)
+        self.f_mlp = TextMLP(text_emb, d, dropout)
+        self.fuse = nn.Linear(2 * d, d)
+
+    def parts(self, items):
+        return self.id(items), self.f_mlp(items)  # h^c_a, h^s_a: (..., d) each
+
+    def forward(self, items):
+        h_c, h_s = self.parts(items)
+        return F.gelu(self.fuse(torch.cat([h_c, h_s], dim=-1)))  # (..., d)
+
+
+# --- One expert = item representation + sequence encoder ----------------------------------
+
+
+class Expert(nn.Module):
+    """A sequential recommender f_theta (Sec. 2.1): encode the behaviour sequence, take the
+    dot product with the target item's representation to get a logit."""
+
+    def __init__(self, items, encoder, n_items):
+        super().__init__()
+        self.items, self.encoder, self.n_items = items, encoder, n_items
+
+    def forward(self, seq):
+        return self.encoder(self.items(seq), seq != 0)  # (B, L) ids -> (B, L, d) states
+
+    def bce_logits(self, seq, pos, neg):
+        h = self(seq)  # (B, L, d)
+        return (h * self.items(pos)).sum(-1), (h * self.items(neg)).sum(-1)  # (B, L) each
+
+    def full_scores(self, seq):
+        h = self(seq)[:, -1]  # (B, d) state after the last item
+        return h @ self.all_items().T  # (B, N+1)
+
+    def all_items(self):
+        return self.items(torch.arange(self.n_items + 1, device=self.device))  # (N+1, d)
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+
+def make_expert(kind, n_items, text_emb, cfg):
+    """Build the ID ('id', Eq. 8), alignment ('align', Eq. 9) or LLM ('llm', Eq. 10) expert.
+    cfg holds backbone, d, L, n_blocks, n_heads, dropout (the model_args of a checkpoint)."""
+    d = cfg["d"]
+    if kind == "id":
+        items = IDItems(n_items, d)
+    elif kind == "align":
+        items = AlignedItems(n_items, text_emb, d, cfg["dropout"])
+    elif kind == "llm":
+        items = TextItems(text_emb, d, cfg["dropout"])
+    else:
+        raise ValueError(f"unknown expert {kind!r}; choose from {', '.join(EXPERTS)}")
+    encoder = make_encoder(cfg["backbone"], d, cfg["L"], cfg["n_blocks"], cfg["n_heads"], cfg["dropout"])
+    return Expert(items, encoder, n_items)
+
+
+# --- Eq. (11): gates, g(b(i), expert states) -> expert probabilities ----------------------
+# Each gate maps the target item's bucket b(i), shape (...), and the K experts' sequence
+# states, K x (..., d), to probabilities (..., K) that are positive and sum to 1.
+
+
+class FrequencyGate(nn.Module):
+    """Eq. (11), `--gate freq`: g_k = softmax_k(a_k[b(i)] + w_k . h_k), a linear gate on
+    [one-hot(b(i)); h_k], the bucket of the target item and expert k's state."""
+
+    def __init__(self, n_buckets, d, K):
+        super().__init__()
+        self.a = nn.Embedding(n_buckets + 1, K)  # bucket part, one column per expert
+        nn.init.zeros_(self.a.weight)
+        self.w = nn.Parameter(torch.zeros(K, d))  # state part
+
+    def forward(self, bucket, h):
+        state = torch.stack([h_k @ w_k for h_k, w_k in zip(h, self.w)], dim=-1)  # (..., K)
+        return torch.softmax(self.a(bucket) + state, dim=-1)
+
+
+class BucketGate(nn.Module):
+    """`--gate bucket`, the authors' release: one learnable weight per expert per bucket,
+    sigmoid-normalised, g_k = sigmoid(v_k[b]) / sum_j sigmoid(v_j[b]); no expert state."""
+
+    def __init__(self, n_buckets, d, K):
+        super().__init__()
+        self.v = nn.Embedding(n_buckets + 1, K)
+        nn.init.zeros_(self.v.weight)
+
+    def forward(self, bucket, h):
+        s = torch.sigmoid(self.v(bucket))  # (..., K)
+        return s / s.sum(-1, keepdim=True)
+
+
+class GlobalGate(nn.Module):
+    """`--gate none`, the "w/o frequency-aware gating" ablation (Sec. 4.7): one global
+    learnable weight per expert, softmax-normalised, the same for every item."""
+
+    def __init__(self, n_buckets, d, K):
+        super().__init__()
+        self.v = nn.Parameter(torch.zeros(K))
+
+    def forward(self, bucket, h):
+        return torch.softmax(self.v, dim=0).expand(*bucket.shape, -1)  # (..., K)
+
+
+def make_gate(gate, n_buckets, d, K):
+    gates = {"freq": FrequencyGate, "bucket": BucketGate, "none": GlobalGate}
+    if gate not in gates:
+        raise ValueError(f"unknown gate {gate!r}; choose one of {', '.join(GATES)} (--gate)")
+    return gates[gate](n_buckets, d, K)
+
+
+# --- PAD: triple experts with frequency-aware gating (Sec. 3.3) ---------------------------
+
+
+class PAD(nn.Module):
+    """Phase 3 model: experts o_id, o_align, o_LLM (Eq. 8-10), each with its own embedding
+    tables, fused into Phi = sum_k g_k(b(i), h_k) * o_k (Eq. 11). Any subset of experts
+    may be kept (--experts), for the ablations of Fig. 5(b)."""
+
+    def __init__(self, experts, gate, item_bucket):
+        super().__init__()
+        self.experts = nn.ModuleDict(experts)  # name -> Expert, in order id, align, llm
+        self.gate = gate
+        self.register_buffer("bucket", item_bucket, persistent=False)  # (N+1,) b(i)
+
+    def states(self, seq):
+        return [expert(seq) for expert in self.experts.values()]  # K x (B, L, d)
+
+    def fuse(self, h, items):
+        """Eq. (11) for target items (B, L) given expert states K x (B, L, d) -> Phi, (B, L)."""
+        o = torch.stack([(h_k * e.items(items)).sum(-1) for h_k, e in zip(h, self.experts.values())], -1)  # (B, L, K)
+        g = self.gate(self.bucket[items], h)  # (B, L, K)
+        return (g * o).sum(-1)
+
+    def bce_logits(self, seq, pos, neg):
+        h = self.states(seq)
+        return self.fuse(h, pos), self.fuse(h, neg)
+
+    def full_scores(self, seq):
+        h = [h_k[:, -1] for h_k in self.states(seq)]  # K x (B, d)
+        o = torch.stack([h_k @ e.all_items().T for h_k, e in zip(h, self.experts.values())], -1)  # (B, N+1, K)
+        g = self.gate(self.bucket.expand(len(seq), -1), [h_k[:, None] for h_k in h])  # (B, N+1, K)
+        return (g * o).sum(-1)  # (B, N+1)
+
+    def gate_per_bucket(self, seq):
+        """Mean gate probability of each expert for a target item of each bucket, (B_buckets, K)."""
+        h = [h_k[:, -1, None] for h_k in self.states(seq)]  # K x (B, 1, d)
+        buckets = torch.arange(1, int(self.bucket.max()) + 1, device=seq.device)
+        return self.gate(buckets.expand(len(seq), -1), h).mean(0)
+
+
+# --- Rebuilding any phase's model from its checkpoint -------------------------------------
+
+
+def build_model(model_args, data):
+    """model_args (stored in every checkpoint) + prepared dataset -> model.
+
+    {"kind": "expert", "expert": "id"|"align"|"llm", backbone, d, L, ...} is a single
+    expert (phase 1: "id", phase 2: "align"); {"kind": "pad", "experts": [...],
+    "gate": ...} is the phase-3 model."""
+    text_emb, n_items = data["text_emb"], data["n_items"]
+    if model_args["kind"] == "expert":
+        return make_expert(model_args["expert"], n_items, text_emb, model_args)
+    experts = {k: make_expert(k, n_items, text_emb, model_args) for k in model_args["experts"]}
+    gate = make_gate(model_args["gate"], data["n_buckets"], model_args["d"], len(experts))
+    return PAD(experts, gate, data["item_bucket"])
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True (nothing pickled is executed) and a one-line error."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: no such checkpoint; run the phase that writes it (pretrain.py, align.py, finetune.py)")
+    except Exception as e:
+        raise SystemExit(f"{path}: not a readable PAD checkpoint ({type(e).__name__}); re-run the phase that writes it")
+    if not isinstance(ckpt, dict) or not {"phase", "model_args", "state", "fingerprint"} <= ckpt.keys():
+        raise SystemExit(f"{path}: not a PAD checkpoint (no phase/model_args/state/fingerprint)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, data, path, phase=None, backbone=None):
+    """Rebuild a checkpoint's model for `data`, refusing one from another dataset, phase
+    or backbone with a message that says what to run instead."""
+    if ckpt["fingerprint"] != data["fingerprint"]:
+        raise SystemExit(f"{path} was trained on dataset {ckpt['dataset']!r} (fingerprint {ckpt['fingerprint']}), "
+                         f"not on {data['name']!r} ({data['fingerprint']}); pass the matching --data or re-run the "
+                         f"earlier phases on {data['name']!r}")
+    if phase is not None and ckpt["phase"] != phase:
+        raise SystemExit(f"{path} is a phase-{ckpt['phase']} checkpoint; this step needs a phase-{phase} one")
+    if backbone is not None and ckpt["model_args"]["backbone"] != backbone:
+        raise SystemExit(f"{path} uses backbone {ckpt['model_args']['backbone']!r}, not {backbone!r}; "
+                         f"pass a checkpoint of the same backbone")
+    model = build_model(ckpt["model_args"], data)
+    model.load_state_dict(ckpt["state"])
+    return model

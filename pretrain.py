@@ -1,0 +1,176 @@
+"""Phase 1 of PAD: pre-train a sequential recommender on item ids alone (Sec. 2.1 Eq. 1,
+Sec. 3.1, Alg. 1 lines 1-6). Its checkpoint seeds the ID and alignment experts later; on
+its own it is the SASRec baseline of Table 2 (and Table 3's "Origin" for GRU4Rec, Caser).
+
+    python pretrain.py --data ml-100k --backbone sasrec
+
+Reads data/NAME/dataset.pt (prepare_data.py); writes runs/NAME/pretrain_BACKBONE_seedS.pt
+and a metrics .json beside it. The training loop `fit` is shared by align.py and
+finetune.py, which add their own loss terms and model.
+"""
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from evaluate import evaluate, format_metrics, protocol, split_sequences
+from models import BACKBONES, make_expert
+from prepare_data import atomic_save, atomic_write_text, load_dataset
+
+
+def add_training_args(p):
+    """Flags every phase shares (Appendix A values in the help)."""
+    p.add_argument("--data", default="ml-100k", help="prepared dataset: a name under data/ or a folder (prepare_data.py)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (paper: results averaged over 3 runs)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (one GPU, bf16 autocast)")
+    p.add_argument("--epochs", type=int, default=200, help="maximum number of epochs (early stopping ends sooner)")
+    p.add_argument("--batch-size", type=int, default=128, help="users per mini-batch; paper: 16 (on a GPU)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (not given in the paper)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay; paper: 0.1 (Appendix A)")
+    p.add_argument("--patience", type=int, default=10, help="early stopping: epochs without a better valid nDCG@10; paper: 10")
+    p.add_argument("--eval-batch-size", type=int, default=512, help="users ranked at once in evaluation (bounds memory)")
+    p.add_argument("--out", default=None, help="checkpoint path; default runs/NAME/<phase>_<settings>_seedS.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def resolve_device(name):
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise SystemExit(f"--device {name}: expected cpu or cuda")
+    return torch.device(name)
+
+
+def sample_negatives(history, n_items, shape, generator):
+    """One uniform negative item per position (Eq. 1), never one of the user's training
+    items: history (U, H) -> negatives of `shape` = (U, L), redrawn by rejection."""
+    neg = torch.randint(1, n_items + 1, shape, generator=generator)
+    while True:
+        bad = (neg[:, :, None] == history[:, None, :]).any(-1)  # (U, L)
+        if not bad.any():
+            return neg
+        neg[bad] = torch.randint(1, n_items + 1, (int(bad.sum()),), generator=generator)
+
+
+def bce_loss(pos_logits, neg_logits, mask):
+    """Eq. (1): BCE with logits, label 1 on the next item and 0 on the sampled negative,
+    each averaged over the real positions of the batch."""
+    pos, neg = pos_logits[mask].float(), neg_logits[mask].float()
+    return (F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos))
+            + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg)))
+
+
+def fit(model, data, args, extra_loss=None, use_rec_loss=True):
+    """Alg. 1's loop: mini-batches of users, L_REC (Eq. 1 / 6) plus, if given, the phase's
+    extra term extra_loss(model, seq, pos) -> (term, {name: value to log}); AdamW,
+    validation nDCG@10 after each epoch, early stopping with patience.
+    Returns the model with its best-validation weights restored and the epoch log."""
+    device = next(model.parameters()).device
+    train_in, train_pos = split_sequences(data["seqs"], "train")  # (U, L) each
+    train_items = data["seqs"][:, :-2]  # (U, L+1) every training item, excluded from negatives
+    real = (train_in != 0) & (train_pos != 0)
+    keep = real.any(1)  # users with at least one training position
+    train_in, train_pos, train_items, real = train_in[keep], train_pos[keep], train_items[keep], real[keep]
+    opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+    gen = torch.Generator().manual_seed(args.seed)
+    best, best_state, log, since_best = -1.0, None, [], 0
+    k = 10
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.time()
+        model.train()
+        neg = sample_negatives(train_items, data["n_items"], train_pos.shape, gen) * real  # (U, L), redrawn each epoch
+        order = torch.randperm(len(train_in), generator=gen)
+        sums = {}
+        batches = range(0, len(order), args.batch_size)
+        for step, i in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=args.quiet)):
+            idx = order[i:i + args.batch_size]
+            seq, pos, n, m = (t[idx].to(device, non_blocking=True) for t in (train_in, train_pos, neg, real))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss, logs = 0.0, {}
+                if use_rec_loss:
+                    loss = logs["bce"] = bce_loss(*model.bce_logits(seq, pos, n), m)
+                if extra_loss is not None:
+                    term, extra_logs = extra_loss(model, seq, pos)
+                    loss, logs = loss + term, {**logs, **extra_logs}
+            if not torch.isfinite(loss):
+                raise SystemExit(f"non-finite loss {loss.item()} at epoch {epoch}, batch {step}; "
+                                 f"lower --lr or check the input data (last good checkpoint kept)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for name, v in logs.items():
+                sums[name] = sums.get(name, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+        valid = evaluate(model, data, "valid", k, args.eval_batch_size)
+        row = {"epoch": epoch, **{n: v / len(batches) for n, v in sums.items()},
+               f"valid_HR@{k}": valid[f"HR@{k}"], f"valid_nDCG@{k}": valid[f"nDCG@{k}"], "seconds": time.time() - t0}
+        log.append(row)
+        better = valid[f"nDCG@{k}"] > best
+        if better:
+            best, best_state, since_best = valid[f"nDCG@{k}"], copy.deepcopy(model.state_dict()), 0
+        else:
+            since_best += 1
+        losses = " ".join(f"{n} {row[n]:.4f}" for n in sums)
+        print(f"epoch {epoch:3d}  {losses}  valid HR@{k} {row[f'valid_HR@{k}']:.2f} nDCG@{k} "
+              f"{row[f'valid_nDCG@{k}']:.2f}  {row['seconds']:.1f}s{'  *' if better else ''}", flush=True)
+        if since_best >= args.patience:
+            print(f"early stop: no better valid nDCG@{k} for {args.patience} epochs", flush=True)
+            break
+    model.load_state_dict(best_state)  # test the best-validation weights, not the last epoch's
+    return model, log
+
+
+def finish(model, model_args, data, args, phase, log, out, extra=None):
+    """Test the restored best model, print the protocol and metrics, and write the
+    self-describing checkpoint and a metrics JSON beside it (both atomically)."""
+    t0 = time.time()
+    valid = evaluate(model, data, "valid", 10, args.eval_batch_size)
+    test = evaluate(model, data, "test", 10, args.eval_batch_size)
+    eval_seconds = (time.time() - t0) / 2
+    print(protocol(data, "test", 10))
+    print(f"phase {phase} test: {format_metrics(test)}  (full ranking {eval_seconds:.2f}s)")
+    best_epoch = max(log, key=lambda r: r["valid_nDCG@10"])["epoch"]
+    metrics = {"phase": phase, "valid": valid, "test": test, "best_epoch": best_epoch, "epochs": log,
+               "eval_seconds": eval_seconds, **(extra or {})}
+    ckpt = {"phase": phase, "model_args": model_args, "state": {k: v.cpu() for k, v in model.state_dict().items()},
+            "args": vars(args), "dataset": data["name"], "n_items": data["n_items"],
+            "fingerprint": data["fingerprint"], "metrics": json.loads(json.dumps(metrics))}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(ckpt, out)
+    atomic_write_text(json.dumps(metrics, indent=1), out.with_suffix(".json"))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return metrics
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_args(p)
+    p.add_argument("--backbone", default="sasrec", choices=BACKBONES, help="sequential recommender f_theta; paper: sasrec (Table 3: gru4rec, caser)")
+    p.add_argument("--d", type=int, default=128, help="hidden size d (Fig. 1: 128)")
+    p.add_argument("--n-blocks", type=int, default=5, help="SASRec self-attention blocks; authors' release: 5")
+    p.add_argument("--n-heads", type=int, default=2, help="SASRec attention heads; authors' release: 2")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout probability; paper: 0.1 (Appendix A)")
+    args = p.parse_args()
+
+    torch.manual_seed(args.seed)
+    device = resolve_device(args.device)
+    data = load_dataset(args.data)
+    out = args.out or f"runs/{data['name']}/pretrain_{args.backbone}_seed{args.seed}.pt"
+    L = data["seqs"].shape[1] - 3
+    model_args = {"kind": "expert", "expert": "id", "backbone": args.backbone, "d": args.d, "L": L,
+                  "n_blocks": args.n_blocks, "n_heads": args.n_heads, "dropout": args.dropout}
+
+    # --- Phase 1: the ID expert f_id on collaborative embeddings only, BCE of Eq. (1) ---
+    model = make_expert("id", data["n_items"], data["text_emb"], model_args).to(device)
+    print(protocol(data, "valid", 10))
+    model, log = fit(model, data, args)
+    finish(model, model_args, data, args, 1, log, out)
+
+
+if __name__ == "__main__":
+    main()
