@@ -61,7 +61,8 @@ def main():
         h_c, h_s = model.items.parts(items)  # (n, d) each
         if args.anchor == "frozen":
             h_c = h_c.detach()  # SG(D_rec): the collaborative side is not moved by the MMD
-        mmd = alignment_loss(args.kernel, h_s.float(), h_c.float())
+        with torch.autocast(items.device.type, enabled=False):  # kernels in float32, also under bf16 autocast
+            mmd = alignment_loss(args.kernel, h_s.float(), h_c.float())
         return args.gamma * mmd, {args.kernel: mmd}
 
     print(protocol(data, "valid", 10))

@@ -100,8 +100,7 @@ def evaluate(model, data, split="test", k=10, batch_size=512):
     ranks = []
     for i in range(0, len(inputs), batch_size):
         seq = inputs[i:i + batch_size].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            scores = model.full_scores(seq)  # (b, N+1)
+        scores = model.full_scores(seq)  # (b, N+1), float32 even on cuda: bf16 would create ties
         ranks.append(target_ranks(scores, targets[i:i + batch_size].to(device), history[i:i + batch_size].to(device)).cpu())
     model.train(was_training)
     hit, ndcg = hr_ndcg(torch.cat(ranks), k)
@@ -150,7 +149,7 @@ def comparison_table(runs, k=10):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="checkpoint written by pretrain.py, align.py or finetune.py")
-    p.add_argument("--table", nargs="+", metavar="LABEL=GLOB",
+    p.add_argument("--table", nargs="+", metavar="LABEL=GLOB[,GLOB]",
                    help="instead of --ckpt: compare the test metrics JSONs of finished runs, e.g. "
                         "SASRec='runs/ml-100k/pretrain_sasrec_seed*.json' PAD='runs/ml-100k/finetune_*_seed*.json'")
     p.add_argument("--data", default=None, help="prepared dataset (dir or name); default: the one the checkpoint names")
@@ -163,7 +162,7 @@ def main():
         runs = {}
         for spec in args.table:
             label, _, pattern = spec.partition("=")
-            files = sorted(glob.glob(pattern))
+            files = sorted(f for part in pattern.split(",") for f in glob.glob(part))
             if not files:
                 raise SystemExit(f"--table {spec}: no file matches {pattern!r}; run the phase first")
             runs[label] = files
