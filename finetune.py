@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from evaluate import protocol, split_sequences
-from models import BACKBONES, EXPERTS, GATES, build_model, model_from_checkpoint, read_checkpoint
+from models import BACKBONES, EXPERTS, GATES, build_model, check_checkpoint, model_from_checkpoint, read_checkpoint
 from prepare_data import load_dataset
 from pretrain import add_training_args, finish, fit, resolve_device
 
@@ -43,6 +43,10 @@ def main():
     paths = {"id": args.pretrain or f"runs/{name}/pretrain_{args.backbone}_seed{args.seed}.pt",
              "align": args.align or f"runs/{name}/align_{args.backbone}_gaussian_rec_gamma0.1_seed{args.seed}.pt"}
     ckpts = {k: read_checkpoint(paths[k]) for k in ("id", "align") if k in args.experts or k == "id"}
+    # every expert takes phase 1's encoder configuration, so phase 1 is checked even without the ID expert
+    check_checkpoint(ckpts["id"], data, paths["id"], phase=1, backbone=args.backbone)
+    if "align" in ckpts:
+        check_checkpoint(ckpts["align"], data, paths["align"], phase=2, backbone=args.backbone, like=ckpts["id"]["model_args"])
     model_args = {**ckpts["id"]["model_args"], "kind": "pad", "experts": list(args.experts), "gate": args.gate}
     model_args.pop("expert")
     out = args.out or f"runs/{name}/finetune_{args.backbone}_{args.gate}_{'-'.join(args.experts)}_seed{args.seed}.pt"

@@ -306,10 +306,10 @@ class PAD(nn.Module):
     tables, fused into Phi = sum_k g_k(b(i), h_k) * o_k (Eq. 11). Any subset of experts
     may be kept (--experts), for the ablations of Fig. 5(b)."""
 
-    def __init__(self, experts, gate, item_bucket):
+    def __init__(self, experts, gate, item_bucket, n_buckets):
         super().__init__()
         self.experts = nn.ModuleDict(experts)  # name -> Expert, in order id, align, llm
-        self.gate = gate
+        self.gate, self.n_buckets = gate, n_buckets
         self.register_buffer("bucket", item_bucket, persistent=False)  # (N+1,) b(i)
 
     def states(self, seq):
@@ -334,7 +334,7 @@ class PAD(nn.Module):
     def gate_per_bucket(self, seq):
         """Mean gate probability of each expert for a target item of each bucket, (B_buckets, K)."""
         h = [h_k[:, -1, None] for h_k in self.states(seq)]  # K x (B, 1, d)
-        buckets = torch.arange(1, int(self.bucket.max()) + 1, device=seq.device)
+        buckets = torch.arange(1, self.n_buckets + 1, device=seq.device)
         return self.gate(buckets.expand(len(seq), -1), h).mean(0)
 
 
@@ -352,7 +352,7 @@ def build_model(model_args, data):
         return make_expert(model_args["expert"], n_items, text_emb, model_args)
     experts = {k: make_expert(k, n_items, text_emb, model_args) for k in model_args["experts"]}
     gate = make_gate(model_args["gate"], data["n_buckets"], model_args["d"], len(experts))
-    return PAD(experts, gate, data["item_bucket"])
+    return PAD(experts, gate, data["item_bucket"], data["n_buckets"])
 
 
 def read_checkpoint(path):
@@ -368,9 +368,12 @@ def read_checkpoint(path):
     return ckpt
 
 
-def model_from_checkpoint(ckpt, data, path, phase=None, backbone=None):
-    """Rebuild a checkpoint's model for `data`, refusing one from another dataset, phase
-    or backbone with a message that says what to run instead."""
+ENCODER_ARGS = ("backbone", "d", "L", "n_blocks", "n_heads", "dropout")
+
+
+def check_checkpoint(ckpt, data, path, phase=None, backbone=None, like=None):
+    """Refuse a checkpoint from another dataset, phase or backbone, or (like=model_args of
+    another checkpoint) with another encoder configuration, naming the file and the fix."""
     if ckpt["fingerprint"] != data["fingerprint"]:
         raise SystemExit(f"{path} was trained on dataset {ckpt['dataset']!r} (fingerprint {ckpt['fingerprint']}), "
                          f"not on {data['name']!r} ({data['fingerprint']}); pass the matching --data or re-run the "
@@ -380,6 +383,17 @@ def model_from_checkpoint(ckpt, data, path, phase=None, backbone=None):
     if backbone is not None and ckpt["model_args"]["backbone"] != backbone:
         raise SystemExit(f"{path} uses backbone {ckpt['model_args']['backbone']!r}, not {backbone!r}; "
                          f"pass a checkpoint of the same backbone")
+    if like is not None:
+        diff = {k: (ckpt["model_args"][k], like[k]) for k in ENCODER_ARGS if ckpt["model_args"][k] != like[k]}
+        if diff:
+            raise SystemExit(f"{path} was built with {', '.join(f'{k}={a}' for k, (a, b) in diff.items())} but the "
+                             f"phase-1 checkpoint with {', '.join(f'{k}={b}' for k, (a, b) in diff.items())}; "
+                             f"pass checkpoints of one pipeline")
+
+
+def model_from_checkpoint(ckpt, data, path, phase=None, backbone=None):
+    """Rebuild a checkpoint's model for `data` after check_checkpoint."""
+    check_checkpoint(ckpt, data, path, phase, backbone)
     model = build_model(ckpt["model_args"], data)
     model.load_state_dict(ckpt["state"])
     return model

@@ -1,0 +1,369 @@
+"""Tests of models.py (and pretrain.py's sampling and loss): causality of every backbone,
+each expert's two scoring paths against each other, PAD's fused scores against a plain loop of
+Eq. (11), the gates' probabilities, the frozen text table, overfitting a handful of sequences,
+and the checkpoint checks."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from evaluate import target_ranks  # noqa: E402
+from models import (BACKBONES, EXPERTS, GATES, PAD, build_model, make_expert, make_gate,  # noqa: E402
+                    model_from_checkpoint, read_checkpoint)
+from pretrain import bce_loss, sample_negatives  # noqa: E402
+
+N, L, D, D_TEXT, N_BUCKETS = 30, 8, 16, 12, 10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def cfg(backbone="sasrec", **kw):
+    return {"backbone": backbone, "d": D, "L": L, "n_blocks": 2, "n_heads": 2, "dropout": 0.1, **kw}
+
+
+def text_table(seed=0, n=N):
+    t = torch.randn(n + 1, D_TEXT, generator=gen(seed))
+    t[0] = 0
+    return t
+
+
+def item_bucket(seed=0, n=N):
+    b = torch.randint(1, N_BUCKETS + 1, (n + 1,), generator=gen(seed))
+    b[0] = 0
+    return b
+
+
+def sequences(B=5, seed=0):
+    """Left-padded sequences: one full row, partly padded rows, one with a single item."""
+    g = gen(seed)
+    seq = torch.randint(1, N + 1, (B, L), generator=g)
+    pads = [0, 2, 5, L - 1, 3][:B]
+    for row, p in enumerate(pads):
+        seq[row, :p] = 0
+    return seq
+
+
+def expert(kind, backbone, seed=0):
+    torch.manual_seed(seed)
+    return make_expert(kind, N, text_table(), cfg(backbone)).eval()
+
+
+def randomise(module, seed):
+    """Gates start at zeros (uniform probabilities); random weights make the tests meaningful."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()
+    return module
+
+
+# --- Sequence encoders: causality --------------------------------------------------------
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_causal_later_items_never_change_earlier_outputs(backbone):
+    model = expert("id", backbone)
+    seq = sequences()
+    with torch.no_grad():
+        out = model(seq)  # (B, L, d)
+        for t in range(L):
+            changed = seq.clone()
+            real = changed[:, t] != 0
+            changed[real, t] = changed[real, t] % N + 1  # another real item at position t
+            out2 = model(changed)
+            assert torch.allclose(out2[:, :t], out[:, :t], atol=1e-6, rtol=0), f"position < {t} moved"
+            assert (out2[real, t] - out[real, t]).abs().amax() > 1e-4  # position t does see item t
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_all_padding_prefixes_are_finite(backbone):
+    model = expert("id", backbone)
+    seq = torch.zeros(3, L, dtype=torch.long)
+    seq[1, -1] = 4  # a single item after L-1 paddings
+    seq[2, -2:] = torch.tensor([7, 9])  # row 0 is padding only
+    with torch.no_grad():
+        out = model(seq)
+        scores = model.full_scores(seq)
+    assert torch.isfinite(out).all() and torch.isfinite(scores).all()
+    assert (out[seq == 0] == 0).all()  # padding positions carry no state
+
+
+# --- One expert: bce_logits and full_scores are the same logit ---------------------------
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("kind", EXPERTS)
+def test_expert_full_scores_equal_bce_logits(kind, backbone):
+    model = expert(kind, backbone)
+    seq = sequences()
+    B = len(seq)
+    pos, neg = torch.randint(1, N + 1, (2, B, L), generator=gen(1))
+    with torch.no_grad():
+        p, n = model.bce_logits(seq, pos, neg)
+        scores = model.full_scores(seq)
+        # item j as the positive (and the negative) at the last position, for every j
+        seq_j = seq.repeat_interleave(N + 1, 0)  # (B*(N+1), L)
+        item_j = torch.arange(N + 1).repeat(B)  # (B*(N+1),)
+        pos_j = pos.repeat_interleave(N + 1, 0)
+        pos_j[:, -1] = item_j
+        p_j, n_j = model.bce_logits(seq_j, pos_j, pos_j)
+    assert p.shape == n.shape == (B, L) and scores.shape == (B, N + 1)
+    assert torch.allclose(p_j[:, -1].view(B, N + 1), scores, atol=1e-5)
+    assert torch.allclose(n_j[:, -1].view(B, N + 1), scores, atol=1e-5)
+    # and by hand: the state after the last item dotted with item j's representation
+    with torch.no_grad():
+        h = model(seq)[:, -1]  # (B, d)
+        e = model.items(torch.arange(N + 1))  # (N+1, d)
+    ref = torch.tensor([[float(torch.dot(h[b], e[j])) for j in range(N + 1)] for b in range(B)])
+    assert torch.allclose(scores, ref, atol=1e-5)
+
+
+# --- Gates and PAD: Eq. (11) against a loop ----------------------------------------------
+
+
+def loop_gate(gate, kind, bucket, h):
+    """g_k for one target item of bucket `bucket`, expert states h = K x (d,), from the gate's
+    parameters: Eq. (11) written out per expert."""
+    K = len(h)
+    if kind == "freq":
+        z = [float(gate.a.weight[bucket, k]) + float(torch.dot(gate.w[k], h[k])) for k in range(K)]
+        m = max(z)
+        e = [math.exp(v - m) for v in z]
+        return [v / sum(e) for v in e]
+    if kind == "bucket":
+        s = [1 / (1 + math.exp(-float(gate.v.weight[bucket, k]))) for k in range(K)]
+        return [v / sum(s) for v in s]
+    z = [float(gate.v[k]) for k in range(K)]
+    e = [math.exp(v - max(z)) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def loop_pad_scores(experts, gate, kind, bucket, seq):
+    """Phi(u, i) = sum_k g_k(b(i), h_k) o_k(u, i) for every user u and item i, one at a time."""
+    with torch.no_grad():
+        h = [e(seq)[:, -1] for e in experts]  # K x (B, d)
+        tables = [e.items(torch.arange(N + 1)) for e in experts]  # K x (N+1, d)
+    out = torch.zeros(len(seq), N + 1)
+    with torch.no_grad():
+        for u in range(len(seq)):
+            for i in range(N + 1):
+                hu = [h_k[u] for h_k in h]
+                g = loop_gate(gate, kind, int(bucket[i]), hu)
+                out[u, i] = sum(g[k] * float(torch.dot(hu[k], tables[k][i])) for k in range(len(experts)))
+    return out
+
+
+def make_pad(names, gate_kind, seed=0, backbone="sasrec"):
+    experts = {k: expert(k, backbone, seed=seed + i) for i, k in enumerate(names)}
+    gate = randomise(make_gate(gate_kind, N_BUCKETS, D, len(names)), seed)
+    return PAD(experts, gate, item_bucket(), N_BUCKETS).eval()
+
+
+@pytest.mark.parametrize("gate_kind", GATES)
+def test_gate_probabilities_positive_and_sum_to_one(gate_kind):
+    K = 3
+    gate = randomise(make_gate(gate_kind, N_BUCKETS, D, K), 3)
+    buckets = torch.arange(1, N_BUCKETS + 1).expand(4, -1)  # (4 users, every bucket)
+    h = [torch.randn(4, 1, D, generator=gen(k)) for k in range(K)]
+    with torch.no_grad():
+        g = gate(buckets, h)  # (4, B, K)
+    assert g.shape == (4, N_BUCKETS, K)
+    assert (g > 0).all() and torch.allclose(g.sum(-1), torch.ones(4, N_BUCKETS))
+    pad = make_pad(EXPERTS, gate_kind)
+    with torch.no_grad():
+        per_bucket = pad.gate_per_bucket(sequences())  # (B, K)
+    assert per_bucket.shape == (N_BUCKETS, 3)
+    assert (per_bucket > 0).all() and torch.allclose(per_bucket.sum(-1), torch.ones(N_BUCKETS))
+
+
+@pytest.mark.parametrize("gate_kind", GATES)
+def test_pad_full_scores_equal_loop_of_eq11(gate_kind):
+    pad = make_pad(EXPERTS, gate_kind)
+    seq = sequences(B=3)
+    with torch.no_grad():
+        scores = pad.full_scores(seq)
+    ref = loop_pad_scores(list(pad.experts.values()), pad.gate, gate_kind, pad.bucket, seq)
+    assert scores.shape == (3, N + 1)
+    assert torch.allclose(scores, ref, atol=1e-5)
+    # bce_logits goes through fuse() at every position: at the last one it is the same logit
+    pos = torch.randint(1, N + 1, (3, L), generator=gen(2))
+    with torch.no_grad():
+        p, n = pad.bce_logits(seq, pos, pos)
+    assert torch.allclose(p[:, -1], scores.gather(1, pos[:, -1:]).squeeze(1), atol=1e-5)
+    assert torch.allclose(p, n)
+
+
+@pytest.mark.parametrize("gate_kind", GATES)
+@pytest.mark.parametrize("names", [("id", "llm"), ("align", "llm"), ("id", "align")])
+def test_removing_an_expert_removes_its_contribution(names, gate_kind):
+    pad = make_pad(names, gate_kind, seed=5)
+    assert list(pad.experts) == list(names)
+    seq = sequences(B=3)
+    with torch.no_grad():
+        scores = pad.full_scores(seq)
+    assert torch.allclose(scores, loop_pad_scores(list(pad.experts.values()), pad.gate, gate_kind, pad.bucket, seq),
+                          atol=1e-5)
+
+
+@pytest.mark.parametrize("gate_kind", GATES)
+@pytest.mark.parametrize("kind", EXPERTS)
+def test_single_expert_pad_equals_that_expert(kind, gate_kind):
+    pad = make_pad((kind,), gate_kind, seed=7)
+    seq = sequences()
+    with torch.no_grad():
+        assert torch.allclose(pad.full_scores(seq), pad.experts[kind].full_scores(seq), atol=1e-6)
+
+
+def test_text_table_frozen_and_id_tables_learn():
+    pad = make_pad(EXPERTS, "freq").train()
+    text_tables = [m.h_text for m in pad.modules() if hasattr(m, "h_text")]
+    assert len(text_tables) == 2  # the alignment expert's and the LLM expert's f_MLP
+    before = [t.clone() for t in text_tables]
+    assert not any("h_text" in key for key in pad.state_dict())  # never copied into checkpoints
+    assert all(not t.requires_grad for t in text_tables)
+    assert all(t is not p for t in text_tables for p in pad.parameters())
+    seq = sequences()
+    pos, neg = torch.randint(1, N + 1, (2, len(seq), L), generator=gen(3))
+    opt = torch.optim.AdamW(pad.parameters(), lr=0.1, weight_decay=0.1)
+    loss = bce_loss(*pad.bce_logits(seq, pos, neg), seq != 0)
+    loss.backward()
+    assert all(t.grad is None for t in text_tables)
+    for table in (pad.experts["id"].items.h_c.weight, pad.experts["align"].items.id.h_c.weight):
+        assert table.requires_grad and table.grad is not None and table.grad[1:].abs().sum() > 0
+    assert pad.experts["llm"].items.f_mlp.mlp[0].weight.grad.abs().sum() > 0  # w' of Eq. (10) learns
+    assert pad.gate.w.grad.abs().sum() > 0 and pad.gate.a.weight.grad.abs().sum() > 0
+    opt.step()
+    assert all(torch.equal(t, b) for t, b in zip(text_tables, before))
+
+
+# --- Training: sampling, loss, overfitting a handful of sequences ------------------------
+
+
+def test_sample_negatives_avoid_history_and_are_seeded():
+    U, H, n_items = 16, 10, 20
+    history = torch.randint(1, n_items + 1, (U, H), generator=gen(0))
+    history[torch.rand(U, H, generator=gen(1)) < 0.2] = 0
+    history[0] = torch.arange(1, H + 1)  # half of the items seen: many draws are rejected
+    history[1] = 0  # no history at all
+    neg = sample_negatives(history, n_items, (U, 7), gen(42))
+    assert neg.shape == (U, 7) and neg.min() >= 1 and neg.max() <= n_items
+    for u in range(U):
+        seen = set(history[u].tolist())
+        assert not any(int(x) in seen for x in neg[u])
+    assert torch.equal(neg, sample_negatives(history, n_items, (U, 7), gen(42)))
+    assert not torch.equal(neg, sample_negatives(history, n_items, (U, 7), gen(43)))
+    # a user who has seen every item but one always gets that one
+    full = torch.arange(1, n_items + 1).view(1, -1).clone()
+    full[0, 4] = 0  # item 5 unseen
+    assert (sample_negatives(full, n_items, (1, 50), gen(0)) == 5).all()
+
+
+def test_bce_loss_matches_formula():
+    pos, neg = torch.randn(2, 3, 4, generator=gen(0))
+    mask = torch.rand(3, 4, generator=gen(1)) < 0.6
+    p, n = pos[mask].tolist(), neg[mask].tolist()
+    ref = (-sum(math.log(1 / (1 + math.exp(-x))) for x in p) / len(p)
+           - sum(math.log(1 - 1 / (1 + math.exp(-x))) for x in n) / len(n))
+    assert math.isclose(float(bce_loss(pos, neg, mask)), ref, rel_tol=1e-5)
+
+
+def test_sasrec_overfits_a_handful_of_sequences():
+    torch.manual_seed(0)
+    n_items, U = 40, 8
+    seqs = torch.stack([torch.randperm(n_items, generator=gen(u))[:L + 1] + 1 for u in range(U)])  # (U, L+1)
+    seqs[1, :3] = 0  # some left padding
+    train_in, train_pos = seqs[:, :-1], seqs[:, 1:]
+    real = (train_in != 0) & (train_pos != 0)
+    model = make_expert("id", n_items, text_table(n=n_items), {**cfg("sasrec"), "n_blocks": 1, "d": 32, "dropout": 0.0})
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = gen(0)
+    for _ in range(200):
+        neg = sample_negatives(seqs, n_items, train_pos.shape, g)
+        loss = bce_loss(*model.bce_logits(train_in, train_pos, neg), real)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    model.eval()
+    with torch.no_grad():
+        ranks = target_ranks(model.full_scores(train_in), train_pos[:, -1], train_in)
+    assert (ranks == 0).float().mean() >= 7 / 8, ranks.tolist()  # the next item ranked first of 40
+
+
+# --- Checkpoints: self-describing, refused when from another dataset, phase, backbone -----
+
+
+def dataset(name="a", fingerprint="aaaaaaaaaaaaaaaa"):
+    return {"name": name, "fingerprint": fingerprint, "n_items": N, "text_emb": text_table(),
+            "n_buckets": N_BUCKETS, "item_bucket": item_bucket()}
+
+
+def checkpoint(model_args, data, phase=1):
+    model = build_model(model_args, data)
+    return {"phase": phase, "model_args": model_args, "state": model.state_dict(), "args": {"data": data["name"]},
+            "dataset": data["name"], "n_items": data["n_items"], "fingerprint": data["fingerprint"],
+            "metrics": {}}, model
+
+
+@pytest.mark.parametrize("model_args", [
+    {"kind": "expert", "expert": "id", **cfg("gru4rec")},
+    {"kind": "expert", "expert": "align", **cfg("caser")},
+    {"kind": "pad", "experts": ["id", "align", "llm"], "gate": "freq", **cfg("sasrec")},
+])
+def test_checkpoint_round_trip(tmp_path, model_args):
+    data = dataset()
+    ckpt, model = checkpoint(model_args, data)
+    path = tmp_path / "m.pt"
+    torch.save(ckpt, path)
+    loaded = read_checkpoint(path)
+    rebuilt = model_from_checkpoint(loaded, data, path, phase=1, backbone=model_args["backbone"]).eval()
+    seq = sequences()
+    with torch.no_grad():
+        assert torch.equal(rebuilt.full_scores(seq), model.eval().full_scores(seq))
+
+
+def test_checkpoint_refusals(tmp_path):
+    data = dataset()
+    ckpt, _ = checkpoint({"kind": "expert", "expert": "id", **cfg("gru4rec")}, data, phase=1)
+    path = str(tmp_path / "pretrain_gru4rec.pt")
+    torch.save(ckpt, path)
+    ckpt = read_checkpoint(path)
+
+    with pytest.raises(SystemExit, match="pretrain_gru4rec.pt") as e:
+        model_from_checkpoint(ckpt, dataset("b", "bbbbbbbbbbbbbbbb"), path)
+    assert "'a'" in str(e.value) and "'b'" in str(e.value) and "fingerprint" in str(e.value)
+    with pytest.raises(SystemExit, match=r"pretrain_gru4rec.pt is a phase-1 checkpoint.*phase-2") as e:
+        model_from_checkpoint(ckpt, data, path, phase=2)
+    with pytest.raises(SystemExit, match=r"pretrain_gru4rec.pt uses backbone 'gru4rec', not 'sasrec'"):
+        model_from_checkpoint(ckpt, data, path, phase=1, backbone="sasrec")
+    model_from_checkpoint(ckpt, data, path, phase=1, backbone="gru4rec")  # the matching one loads
+
+
+def test_read_checkpoint_refuses_other_files(tmp_path):
+    with pytest.raises(SystemExit, match="missing.pt: no such checkpoint"):
+        read_checkpoint(str(tmp_path / "missing.pt"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(SystemExit, match="junk.pt: not a readable PAD checkpoint"):
+        read_checkpoint(str(junk))
+    partial = tmp_path / "partial.pt"
+    torch.save({"state": {}, "phase": 1}, partial)
+    with pytest.raises(SystemExit, match="partial.pt: not a PAD checkpoint"):
+        read_checkpoint(str(partial))
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"phase": 1, "model_args": {}, "state": {}, "fingerprint": "x", "obj": torch.nn.Linear(2, 2)}, pickled)
+    with pytest.raises(SystemExit, match="pickled.pt: not a readable PAD checkpoint"):  # weights_only refuses it
+        read_checkpoint(str(pickled))

@@ -1,0 +1,368 @@
+"""End-to-end tests of the phase scripts through subprocess, chaining the real .pt files:
+prepare_data.py (a tiny RecBole atomic fixture, MiniLM text) -> pretrain.py (every backbone)
+-> align.py (every kernel and anchor) -> finetune.py (every gate, expert subsets), with
+evaluate.py on the checkpoints, the checkpoint refusals and the command-line errors.
+
+The dataset is made by the real prepare_data.py (about 5 s with MiniLM on 60 titles); a
+second dataset for the "another dataset" refusals is derived from it by dropping one user,
+following DATA_CONTRACT.md (new name and fingerprint), and atomic_save'd.
+Every model is tiny (d = 16, one block, one epoch) so the file runs in about two minutes.
+"""
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from models import BACKBONES  # noqa: E402
+from prepare_data import atomic_save, fingerprint  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+       "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+TRAIN = ["--epochs", "1", "--quiet", "--batch-size", "16", "--eval-batch-size", "7"]  # 40 users: uneven chunks
+MODEL = ["--d", "16", "--n-blocks", "1"]
+U, N_ITEMS = 40, 60
+
+
+def run(script, *args, ok=True):
+    r = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    if ok:
+        assert r.returncode == 0, f"{script} {args} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def refused(r, *needles):
+    """Exit code != 0, one line on stderr that says why, no traceback."""
+    assert r.returncode != 0, r.stdout[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    msg = r.stderr.strip()
+    assert len(msg.splitlines()) == 1, msg
+    for needle in needles:
+        assert needle in msg, msg
+    return msg
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_metrics(m, users, n_buckets=10):
+    assert m["users"] == users
+    for key in ("HR@10", "nDCG@10"):
+        assert 0 <= m[key] <= 100
+    assert m["nDCG@10"] <= m["HR@10"] + 1e-9
+    assert sorted(int(b) for b in m["buckets"]) == list(range(1, n_buckets + 1))
+    assert sum(b["users"] for b in m["buckets"].values()) == users
+    assert set(m["groups"]) == {"warm", "median", "cold"}
+    assert sum(g["users"] for g in m["groups"].values()) == users
+
+
+def log_row(stdout):
+    rows = [line for line in stdout.splitlines() if re.match(r"epoch\s+1\s", line)]
+    assert len(rows) == 1, stdout
+    return rows[0]
+
+
+# --- Fixtures: dataset, phase-1 and phase-2 checkpoints (module-scoped, built once) -------
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("pad")
+
+
+@pytest.fixture(scope="module")
+def dataset(work):
+    """Tiny RecBole atomic dataset through the real prepare_data.py."""
+    raw = work / "raw" / "tiny"
+    raw.mkdir(parents=True)
+    rng = random.Random(0)
+    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    for u in range(1, U + 1):
+        for t in range(rng.randint(5, 30)):
+            item = rng.randint(1, 10) if rng.random() < 0.5 else rng.randint(1, N_ITEMS)  # popular head
+            lines.append(f"{u}\t{item}\t{1000 * u + t}")
+    (raw / "tiny.inter").write_text("\n".join(lines) + "\n")
+    titles = ["item_id:token\tmovie_title:token_seq"] + [f"{i}\tmovie number {i} about topic {i % 7}"
+                                                           for i in range(1, N_ITEMS + 1)]
+    (raw / "tiny.item").write_text("\n".join(titles) + "\n")
+    out = work / "tiny"
+    run("prepare_data.py", "--data", f"recbole:{raw}", "--out", out, "--encoder", "minilm", "--device", "cpu")
+    data = load(out / "dataset.pt")
+    assert data["seqs"].shape == (U, 23) and data["n_items"] == N_ITEMS
+    assert data["item_bucket"].max() == data["n_buckets"] == 10  # every bucket present
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_dataset(work, dataset):
+    """Another dataset (one user fewer): new name and fingerprint, same items and text."""
+    data = load(dataset / "dataset.pt")
+    data["seqs"] = data["seqs"][:-1].clone()
+    data["name"] = "other"
+    data["fingerprint"] = fingerprint(data["seqs"], data["n_items"])
+    out = work / "other"
+    atomic_save(data, out / "dataset.pt")
+    return out
+
+
+@pytest.fixture(scope="module")
+def phase1(work, dataset):
+    """pretrain.py for every backbone: {backbone: (checkpoint path, stdout)}."""
+    out = {}
+    for backbone in BACKBONES:
+        path = work / f"pretrain_{backbone}.pt"
+        r = run("pretrain.py", "--data", dataset, "--backbone", backbone, *MODEL, *TRAIN, "--out", path)
+        out[backbone] = path, r.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def phase2(work, dataset, phase1):
+    """align.py with the paper's defaults (gaussian, rec, gamma 0.1) from the SASRec phase 1."""
+    path = work / "align_sasrec.pt"
+    r = run("align.py", "--data", dataset, "--init", phase1["sasrec"][0], *TRAIN, "--out", path)
+    return path, r.stdout
+
+
+@pytest.fixture(scope="module")
+def phase3(work, dataset, phase1, phase2):
+    """finetune.py with the paper's defaults (freq gate, all three experts)."""
+    path = work / "finetune_sasrec.pt"
+    r = run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", phase2[0],
+            *TRAIN, "--out", path)
+    return path, r.stdout
+
+
+# --- Phase 1 + evaluate.py ---------------------------------------------------------------
+
+
+def evaluate_cli(*args):
+    r = run("evaluate.py", *args)
+    assert "full ranking over all 60 items" in r.stdout and "ties count against the target" in r.stdout
+    return json.loads(r.stdout[r.stdout.index("\n{") + 1:])
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_pretrain_then_evaluate(backbone, phase1, dataset):
+    path, stdout = phase1[backbone]
+    assert re.search(r"bce \d+\.\d+\s+valid HR@10 [\d.]+ nDCG@10 [\d.]+", log_row(stdout))
+    assert "full ranking over all 60 items" in stdout
+    ckpt = load(path)  # self-describing, loadable without pickle
+    data = load(dataset / "dataset.pt")
+    assert ckpt["phase"] == 1 and ckpt["fingerprint"] == data["fingerprint"] and ckpt["n_items"] == N_ITEMS
+    assert ckpt["model_args"]["backbone"] == backbone and ckpt["model_args"]["expert"] == "id"
+    assert ckpt["dataset"] == "tiny" and ckpt["model_args"]["d"] == 16
+    metrics = json.loads(path.with_suffix(".json").read_text())  # beside the checkpoint
+    assert metrics["phase"] == 1 and len(metrics["epochs"]) == 1 and metrics["best_epoch"] == 1
+    check_metrics(metrics["test"], U)
+    check_metrics(metrics["valid"], U)
+    m = evaluate_cli("--ckpt", path)  # the dataset is found from the checkpoint's args
+    check_metrics(m, U)
+    for key in ("HR@10", "nDCG@10"):
+        assert m[key] == pytest.approx(metrics["test"][key], abs=1e-4)
+        for g in ("warm", "median", "cold"):
+            assert m["groups"][g][key] == pytest.approx(metrics["test"]["groups"][g][key], nan_ok=True, abs=1e-4)
+    valid = evaluate_cli("--ckpt", path, "--split", "valid", "--batch-size", "3")
+    assert valid["HR@10"] == pytest.approx(metrics["valid"]["HR@10"], abs=1e-4)
+
+
+# --- Phase 2 -----------------------------------------------------------------------------
+
+
+def check_align(path, stdout, kernel, anchor):
+    row = log_row(stdout)
+    assert re.search(rf"\b{kernel} -?\d+\.\d+", row), row  # the alignment term is logged
+    assert re.search(r"\bbce \d+\.\d+", row), row  # logged for every anchor, trained on unless "none"
+    ckpt = load(path)
+    assert ckpt["phase"] == 2 and ckpt["model_args"]["expert"] == "align"
+    assert not any("h_text" in k for k in ckpt["state"])  # the frozen text table is not copied
+    metrics = json.loads(path.with_suffix(".json").read_text())
+    check_metrics(metrics["test"], U)
+    assert torch.isfinite(torch.tensor(metrics["epochs"][0][kernel]))
+
+
+def test_align_default(phase2):
+    path, stdout = phase2
+    assert "kernel gaussian, anchor rec, gamma 0.1" in stdout
+    check_align(path, stdout, "gaussian", "rec")
+
+
+@pytest.mark.parametrize("kernel,anchor,gamma", [
+    ("laplacian", "rec", "0.1"), ("linear", "rec", "0.1"), ("cosine", "rec", "0.1"), ("infonce", "rec", "0.1"),
+    ("gaussian", "none", "0.1"), ("gaussian", "frozen", "0.1"), ("gaussian", "rec", "0"),
+])
+def test_align_variants(kernel, anchor, gamma, work, dataset, phase1):
+    path = work / f"align_{kernel}_{anchor}_{gamma}.pt"
+    r = run("align.py", "--data", dataset, "--init", phase1["sasrec"][0], "--kernel", kernel, "--anchor", anchor,
+            "--gamma", gamma, *TRAIN, "--out", path)
+    check_align(path, r.stdout, kernel, anchor)
+
+
+@pytest.fixture(scope="module")
+def phase1_d8(work, dataset):
+    path = work / "pretrain_sasrec_d8.pt"
+    run("pretrain.py", "--data", dataset, "--backbone", "sasrec", "--d", "8", "--n-blocks", "1", *TRAIN, "--out", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def phase2_d8(work, dataset, phase1_d8):
+    """align.py with learning rate 0: its checkpoint must hold phase 1's ID table and encoder."""
+    path = work / "align_sasrec_d8_lr0.pt"
+    run("align.py", "--data", dataset, "--init", phase1_d8, "--lr", "0", *TRAIN, "--out", path)
+    return path
+
+
+def test_align_starts_from_phase1(phase1_d8, phase2_d8):
+    p1, p2 = load(phase1_d8)["state"], load(phase2_d8)["state"]
+    assert torch.equal(p2["items.id.h_c.weight"], p1["items.h_c.weight"])
+    encoder = [k for k in p1 if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(p2[k], p1[k]) for k in encoder)
+    assert any(k.startswith("items.f_mlp.") for k in p2) and any(k.startswith("items.fuse.") for k in p2)
+
+
+def test_align_without_any_loss_is_refused(work, dataset, phase1):
+    r = run("align.py", "--data", dataset, "--init", phase1["sasrec"][0], "--anchor", "none", "--gamma", "0",
+            *TRAIN, "--out", work / "unused.pt", ok=False)
+    refused(r, "--anchor none", "--gamma 0")
+
+
+def test_align_refuses_other_dataset_and_backbone(work, dataset, other_dataset, phase1):
+    p1 = str(phase1["sasrec"][0])
+    r = run("align.py", "--data", other_dataset, "--init", p1, *TRAIN, "--out", work / "unused.pt", ok=False)
+    refused(r, p1, "'tiny'", "'other'")
+    r = run("align.py", "--data", dataset, "--backbone", "gru4rec", "--init", p1, *TRAIN, "--out", work / "unused.pt", ok=False)
+    refused(r, p1, "backbone 'sasrec', not 'gru4rec'")
+
+
+# --- Phase 3 -----------------------------------------------------------------------------
+
+
+def check_finetune(path, stdout, experts, gate):
+    assert "mean gate probability per target bucket" in stdout
+    ckpt = load(path)
+    assert ckpt["phase"] == 3 and ckpt["model_args"]["kind"] == "pad"
+    assert ckpt["model_args"]["experts"] == experts and ckpt["model_args"]["gate"] == gate
+    assert not any("h_text" in k for k in ckpt["state"])
+    metrics = json.loads(path.with_suffix(".json").read_text())
+    check_metrics(metrics["test"], U)
+    rows = metrics["gate_per_bucket"]
+    assert sorted(int(b) for b in rows) == list(range(1, 11))
+    for row in rows.values():
+        assert list(row) == experts
+        assert all(p > 0 for p in row.values()) and sum(row.values()) == pytest.approx(1, abs=1e-5)
+    return metrics
+
+
+def test_finetune_default(phase3):
+    check_finetune(*phase3, ["id", "align", "llm"], "freq")
+
+
+@pytest.mark.parametrize("gate,experts", [
+    ("bucket", "id,align,llm"), ("none", "id,align,llm"), ("freq", "id,llm"), ("freq", "llm"), ("bucket", "llm,id"),
+])
+def test_finetune_gates_and_experts(gate, experts, work, dataset, phase1, phase2):
+    path = work / f"finetune_{gate}_{experts}.pt"
+    r = run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", phase2[0],
+            "--gate", gate, "--experts", experts, *TRAIN, "--out", path)
+    canonical = [e for e in ("id", "align", "llm") if e in experts.split(",")]
+    check_finetune(path, r.stdout, canonical, gate)
+
+
+def test_finetune_starts_from_phase1_and_phase2(work, dataset, phase1, phase2):
+    path = work / "finetune_lr0.pt"
+    run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", phase2[0], "--lr", "0",
+        *TRAIN, "--out", path)
+    p1, p2, p3 = load(phase1["sasrec"][0])["state"], load(phase2[0])["state"], load(path)["state"]
+    assert all(torch.equal(p3[f"experts.id.{k}"], v) for k, v in p1.items())
+    assert all(torch.equal(p3[f"experts.align.{k}"], v) for k, v in p2.items())
+    assert any(k.startswith("experts.llm.items.f_mlp.") for k in p3)  # a new LLM expert
+
+
+def test_evaluate_phase3_and_table(phase1, phase3):
+    path, _ = phase3
+    m = evaluate_cli("--ckpt", path)
+    metrics = json.loads(path.with_suffix(".json").read_text())
+    check_metrics(m, U)
+    assert m["HR@10"] == pytest.approx(metrics["test"]["HR@10"], abs=1e-4)
+    assert m["nDCG@10"] == pytest.approx(metrics["test"]["nDCG@10"], abs=1e-4)
+    r = run("evaluate.py", "--table", f"SASRec={phase1['sasrec'][0].with_suffix('.json')}",
+            f"PAD={path.with_suffix('.json')}")
+    lines = r.stdout.strip().splitlines()
+    assert "SASRec (n=1)" in lines[0] and "PAD (n=1)" in lines[0] and len(lines) == 2 + 8
+    overall = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert overall[:2] == ["overall", "HR@10"]
+    assert overall[2] == f"{json.loads(phase1['sasrec'][0].with_suffix('.json').read_text())['test']['HR@10']:.2f} ± 0.00"
+
+
+def test_finetune_refuses_other_backbone(work, dataset, phase1, phase2):
+    p1 = str(phase1["gru4rec"][0])
+    r = run("finetune.py", "--data", dataset, "--backbone", "sasrec", "--pretrain", p1, "--align", phase2[0],
+            *TRAIN, "--out", work / "unused.pt", ok=False)
+    refused(r, p1, "backbone 'gru4rec', not 'sasrec'")
+
+
+def test_finetune_refuses_other_dataset(work, dataset, other_dataset, phase1, phase2):
+    path = work / "pretrain_other.pt"
+    run("pretrain.py", "--data", other_dataset, *MODEL, *TRAIN, "--out", path)  # a valid phase 1 on 'other'
+    r = run("finetune.py", "--data", other_dataset, "--pretrain", path, "--align", phase2[0], *TRAIN,
+            "--out", work / "unused.pt", ok=False)
+    refused(r, str(phase2[0]), "'tiny'", "'other'")  # the phase-2 file comes from 'tiny'
+    r = run("finetune.py", "--data", dataset, "--pretrain", path, "--align", phase2[0], *TRAIN,
+            "--out", work / "unused.pt", ok=False)
+    refused(r, str(path), "'other'", "'tiny'")  # the phase-1 file comes from 'other'
+    r = run("evaluate.py", "--ckpt", path, "--data", dataset, ok=False)
+    refused(r, str(path), "'other'", "'tiny'")
+
+
+def test_finetune_refuses_wrong_phase(work, dataset, phase1):
+    p1 = str(phase1["sasrec"][0])
+    r = run("finetune.py", "--data", dataset, "--pretrain", p1, "--align", p1, *TRAIN, "--out", work / "unused.pt", ok=False)
+    refused(r, p1, "phase-1 checkpoint", "phase-2")
+
+
+def test_finetune_without_id_expert_still_checks_phase1(dataset, phase1, phase2, work):
+    p1 = str(phase1["gru4rec"][0])
+    r = run("finetune.py", "--data", dataset, "--backbone", "sasrec", "--experts", "llm", "--pretrain", p1,
+            "--align", phase2[0], *TRAIN, "--out", work / "finetune_llm_wrong.pt", ok=False)
+    refused(r, p1, "gru4rec")
+
+
+def test_finetune_refuses_mismatched_phase2_cleanly(dataset, phase1, phase2_d8, work):
+    r = run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", phase2_d8, *TRAIN,
+            "--out", work / "finetune_mismatch.pt", ok=False)
+    refused(r, str(phase2_d8))
+
+
+# --- Command-line errors -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script,args,needle", [
+    ("pretrain.py", ["--backbone", "bert4rec"], "invalid choice: 'bert4rec'"),
+    ("align.py", ["--kernel", "rbf"], "invalid choice: 'rbf'"),
+    ("align.py", ["--anchor", "soft"], "invalid choice: 'soft'"),
+    ("finetune.py", ["--gate", "moe"], "invalid choice: 'moe'"),
+    ("finetune.py", ["--backbone", "bert4rec"], "invalid choice: 'bert4rec'"),
+    ("finetune.py", ["--experts", "id,bert"], "comma-separated subset"),
+    ("evaluate.py", ["--split", "train"], "invalid choice: 'train'"),
+])
+def test_unknown_choices_exit_nonzero(script, args, needle):
+    r = run(script, *args, ok=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and needle in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("script", ["pretrain.py", "align.py", "finetune.py", "evaluate.py"])
+def test_device_cuda_without_cuda(script, work, dataset, phase1):
+    args = ["--ckpt", phase1["sasrec"][0]] if script == "evaluate.py" else ["--data", dataset, *TRAIN, "--out", work / "unused.pt"]
+    r = run(script, *args, "--device", "cuda", ok=False)
+    refused(r, "CUDA is not available")
