@@ -16,14 +16,6 @@ from evaluate import (bucket_groups, comparison_table, evaluate, history_before_
                       split_sequences, summarise, target_ranks)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 

@@ -17,15 +17,6 @@ MMD_KERNELS = ("gaussian", "laplacian", "linear", "cosine")
 CHARACTERISTIC = {"gaussian": (squared_distances, gaussian), "laplacian": (l1_distances, laplacian)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are small: on a busy 2-core machine intra-op threads turn 1 s into 20 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randn(*shape, seed=0):
     return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 

@@ -18,14 +18,6 @@ from pretrain import bce_loss, sample_negatives  # noqa: E402
 N, L, D, D_TEXT, N_BUCKETS = 30, 8, 16, 12, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 

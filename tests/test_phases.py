@@ -5,7 +5,7 @@ evaluate.py on the checkpoints, the checkpoint refusals and the command-line err
 
 The dataset is made by the real prepare_data.py (about 5 s with MiniLM on 60 titles); a
 second dataset for the "another dataset" refusals is derived from it by dropping one user,
-following DATA_CONTRACT.md (new name and fingerprint), and atomic_save'd.
+with a new name and fingerprint, and saved with atomic_save.
 Every model is tiny (d = 16, one block, one epoch) so the file runs in about two minutes.
 """
 import json

@@ -75,7 +75,7 @@ def decoded(data):
 
 
 def check_invariants(data, min_n=5):
-    """Appendix A and DATA_CONTRACT invariants of a prepared dataset."""
+    """Appendix A invariants of a prepared dataset and the keys later phases read."""
     seqs, n = data["seqs"], data["n_items"]  # (U, 23)
     assert seqs.dtype == torch.long and seqs.shape[1] == data["max_len"] == 23
     lengths = (seqs > 0).sum(1)  # (U,)
