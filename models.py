@@ -94,12 +94,13 @@ class GRU4Rec(nn.Module):
 
 class Caser(nn.Module):
     """Caser encoder (Tang & Wang, 2018): horizontal convolutions of every height
-    1..L with max-pooling over time, and vertical convolutions across the window.
+    h = 1..L with max-pooling over time, and vertical convolutions across the window.
 
     Caser reads a window of the last L items and predicts the next one. To give it the
-    same per-position interface as the other encoders, the window ending at each
-    position t (left-padded with zero vectors) is encoded separately, so position t
-    never sees items after t.
+    same per-position interface as the other encoders, position t reads the window of
+    the L items ending at t (left-padded with zero vectors), so it never sees items after
+    t. All windows are computed at once: a convolution over the whole padded sequence,
+    then a sliding max over the L - h + 1 starts that fit inside each window.
     DEVIATION: no user embedding P_u (Caser concatenates one); every PAD expert is
     user-agnostic and reads the behaviour sequence only.
     """
@@ -107,19 +108,21 @@ class Caser(nn.Module):
     def __init__(self, d, L, n_h=16, n_v=4, dropout=0.1):
         super().__init__()
         self.L = L
-        self.conv_v = nn.Conv2d(1, n_v, (L, 1))
-        self.conv_h = nn.ModuleList(nn.Conv2d(1, n_h, (h, d)) for h in range(1, L + 1))
+        self.conv_v = nn.Conv1d(1, n_v, L)  # one weight per window row, shared by the d dimensions
+        self.conv_h = nn.ModuleList(nn.Conv1d(d, n_h, h) for h in range(1, L + 1))  # h rows x d columns
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(n_v * d + n_h * L, d)
 
     def forward(self, e, mask):
         B, L, d = e.shape
-        x = F.pad(e * mask.unsqueeze(-1), (0, 0, self.L - 1, 0))  # (B, L + L_w - 1, d)
-        w = x.unfold(1, self.L, 1).transpose(2, 3).reshape(B * L, 1, self.L, d)  # (B*L, 1, L_w, d) window ending at t
-        o_v = self.conv_v(w).view(B * L, -1)  # (B*L, n_v * d)
-        o_h = [F.relu(conv(w)).squeeze(3).amax(dim=2) for conv in self.conv_h]  # L_w x (B*L, n_h)
-        z = F.relu(self.fc(self.drop(torch.cat([o_v, *o_h], dim=1))))  # (B*L, d)
-        return z.view(B, L, d) * mask.unsqueeze(-1)
+        x = F.pad(e * mask.unsqueeze(-1), (0, 0, self.L - 1, 0)).transpose(1, 2)  # (B, d, L_w - 1 + L)
+        o_v = self.conv_v(x.reshape(B * d, 1, -1))  # (B*d, n_v, L): sum_r w_r e_{t-L_w+1+r}
+        o_v = o_v.view(B, d, -1, L).permute(0, 3, 2, 1).reshape(B, L, -1)  # (B, L, n_v * d)
+        o_h = [F.max_pool1d(F.relu(conv(x)), self.L - h + 1, stride=1)  # (B, n_h, L) max inside each window
+               for h, conv in enumerate(self.conv_h, start=1)]
+        o_h = torch.cat(o_h, dim=1).transpose(1, 2)  # (B, L, n_h * L_w)
+        z = F.relu(self.fc(self.drop(torch.cat([o_v, o_h], dim=-1))))  # (B, L, d)
+        return z * mask.unsqueeze(-1)
 
 
 def make_encoder(backbone, d, L, n_blocks, n_heads, dropout):
@@ -355,16 +358,17 @@ def build_model(model_args, data):
     return PAD(experts, gate, data["item_bucket"], data["n_buckets"])
 
 
-def read_checkpoint(path):
-    """torch.load with weights_only=True (nothing pickled is executed) and a one-line error."""
+def read_checkpoint(path, keys=("phase", "model_args", "state", "fingerprint")):
+    """torch.load with weights_only=True (nothing pickled is executed) and a one-line error;
+    the file must be a dict holding `keys` (a phase's checkpoint, or fit's OUT.last.pt)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SystemExit(f"{path}: no such checkpoint; run the phase that writes it (pretrain.py, align.py, finetune.py)")
     except Exception as e:
         raise SystemExit(f"{path}: not a readable PAD checkpoint ({type(e).__name__}); re-run the phase that writes it")
-    if not isinstance(ckpt, dict) or not {"phase", "model_args", "state", "fingerprint"} <= ckpt.keys():
-        raise SystemExit(f"{path}: not a PAD checkpoint (no phase/model_args/state/fingerprint)")
+    if not isinstance(ckpt, dict) or not set(keys) <= ckpt.keys():
+        raise SystemExit(f"{path}: not a PAD checkpoint (no {'/'.join(keys)})")
     return ckpt
 
 

@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from evaluate import target_ranks  # noqa: E402
-from models import (BACKBONES, EXPERTS, GATES, PAD, build_model, make_expert, make_gate,  # noqa: E402
+from models import (BACKBONES, Caser, EXPERTS, GATES, PAD, build_model, make_expert, make_gate,  # noqa: E402
                     model_from_checkpoint, read_checkpoint)
 from pretrain import bce_loss, sample_negatives  # noqa: E402
 
@@ -91,6 +91,30 @@ def test_all_padding_prefixes_are_finite(backbone):
         scores = model.full_scores(seq)
     assert torch.isfinite(out).all() and torch.isfinite(scores).all()
     assert (out[seq == 0] == 0).all()  # padding positions carry no state
+
+
+def test_caser_equals_a_loop_over_windows():
+    """Caser's all-windows-at-once convolutions against the paper's per-window formula:
+    for the L_w items ending at t, o_v = sum_r w_r e_r, o_h = max over starts of relu(conv_h)."""
+    torch.manual_seed(0)
+    B, Lw, d, n_v = 3, 6, 8, 4
+    caser = Caser(d, Lw, n_v=n_v).eval()
+    e = torch.randn(B, Lw, d)
+    mask = torch.ones(B, Lw, dtype=torch.bool)
+    mask[0, :2] = False
+    with torch.no_grad():
+        out = caser(e, mask)
+        x = torch.cat([torch.zeros(B, Lw - 1, d), e * mask.unsqueeze(-1)], dim=1)
+        for b in range(B):
+            for t in range(Lw):
+                W = x[b, t:t + Lw]  # (L_w, d), the window ending at t
+                o_v = [sum(caser.conv_v.weight[v, 0, r] * W[r] for r in range(Lw)) + caser.conv_v.bias[v] for v in range(n_v)]
+                o_h = []
+                for h, conv in enumerate(caser.conv_h, start=1):
+                    starts = [(conv.weight * W[s:s + h].T).sum((1, 2)) + conv.bias for s in range(Lw - h + 1)]
+                    o_h.append(torch.relu(torch.stack(starts)).amax(0))
+                z = torch.relu(caser.fc(torch.cat(o_v + o_h))) * mask[b, t]
+                assert torch.allclose(out[b, t], z, atol=1e-5), (b, t)
 
 
 # --- One expert: bce_logits and full_scores are the same logit ---------------------------
