@@ -67,7 +67,7 @@ def main():
 
     print(protocol(data, "valid", 10))
     print(f"phase 2: kernel {args.kernel}, anchor {args.anchor}, gamma {args.gamma:g}, from {init}")
-    model, log = fit(model, data, args, extra_loss=mmd_term, use_rec_loss=args.anchor != "none")
+    model, log = fit(model, data, args, out, extra_loss=mmd_term, use_rec_loss=args.anchor != "none")
     finish(model, model_args, data, args, 2, log, out, extra={"init": init})
 
 

@@ -62,7 +62,7 @@ def main():
     # --- Eq. (11): Phi = sum_k g_k(b(i), h_k) o_k, trained with BCE on Phi (MMD removed) ---
     print(protocol(data, "valid", 10))
     print(f"phase 3: experts {','.join(args.experts)}, gate {args.gate}, from {', '.join(paths[k] for k in ckpts)}")
-    model, log = fit(model, data, args)
+    model, log = fit(model, data, args, out)
     model.eval()
     with torch.no_grad():
         test_in, _ = split_sequences(data["seqs"], "test")

@@ -48,6 +48,7 @@ Example:
     python prepare_data.py --data pantry --raw-dir data/raw/pantry --encoder llm2vec --device cuda
 """
 import argparse
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -58,6 +59,7 @@ import os
 import re
 import tempfile
 import time
+import zlib
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -144,6 +146,9 @@ def _atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -163,7 +168,8 @@ def atomic_write_text(text, path):
 def load_dataset(path_or_name):
     """Load a prepared dataset: a folder, a dataset.pt path, or a NAME meaning data/NAME.
 
-    Raises SystemExit with a one-line message naming the file and the command that makes it.
+    Raises SystemExit with a one-line message naming the file and the command that makes it,
+    also for a file whose tables disagree with n_items or whose text table is not finite.
     """
     p = Path(path_or_name)
     if str(p).startswith("recbole:"):
@@ -185,6 +191,15 @@ def load_dataset(path_or_name):
     missing = [k for k in CONTRACT_KEYS if not isinstance(data, dict) or k not in data]
     if missing:
         raise SystemExit(f"dataset file {path} lacks {', '.join(missing)}; {fix}")
+    n = data["n_items"]
+    wrong = [f"{k} has {len(data[k])} rows for {n} items (expected {n + 1})"
+             for k in ("text_emb", "item_freq", "item_bucket") if len(data[k]) != n + 1]
+    if data["seqs"].min() < 0 or data["seqs"].max() > n:
+        wrong.append(f"seqs holds item ids outside 0..{n}")
+    if not torch.isfinite(data["text_emb"]).all():
+        wrong.append("text_emb holds NaN or infinite values")
+    if wrong:
+        raise SystemExit(f"dataset file {path} is inconsistent: {'; '.join(wrong)}; {fix}")
     return data
 
 
@@ -202,8 +217,18 @@ def malformed(path, line_no, why, line):
     return PrepareError(f"{path}:{line_no}: malformed row ({why}): {line.rstrip()[:120]!r}")
 
 
-def open_text(path):
-    return gzip.open(path, "rt", encoding="utf-8") if str(path).endswith(".gz") else open(path, encoding="utf-8")
+@contextlib.contextmanager
+def open_text(path, encoding="utf-8"):
+    """Open a raw text file, gzipped if it ends in .gz; undecodable text or a truncated or
+    corrupt gzip stream, met anywhere while reading, becomes a one-line PrepareError."""
+    try:
+        with gzip.open(path, "rt", encoding=encoding) if str(path).endswith(".gz") else open(path, encoding=encoding) as f:
+            yield f
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{path}: not {encoding} text (byte {e.object[e.start:e.start + 1]!r}); "
+                           f"convert it to {encoding} or download it again") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise PrepareError(f"{path}: truncated or corrupt gzip file ({e}); download it again") from None
 
 
 def ml100k_text(title, year, genres, mode):
@@ -220,7 +245,7 @@ def read_recbole(folder, name, text_mode):
     inter = require(Path(folder) / f"{name}.inter", f"RecBole atomic dataset {name}", url, layout)
     item = require(Path(folder) / f"{name}.item", f"RecBole atomic dataset {name}", url, layout)
     rows = {"user": [], "item": [], "time": [], "rating": []}
-    with open(inter, encoding="utf-8") as f:
+    with open_text(inter) as f:
         fields = [h.split(":")[0] for h in f.readline().rstrip("\n").split("\t")]
         need = ["user_id", "item_id", "timestamp"]
         if any(k not in fields for k in need):
@@ -243,7 +268,7 @@ def read_recbole(folder, name, text_mode):
     if ir is None:
         rows["rating"] = None
     texts = {}
-    with open(item, encoding="utf-8") as f:
+    with open_text(item) as f:
         fields = [h.split(":")[0] for h in f.readline().rstrip("\n").split("\t")]
         text_fields = [k for k in fields if "title" in k] or [k for k in fields if k == "name"]
         if "item_id" not in fields or not text_fields:
@@ -270,7 +295,7 @@ def read_grouplens(folder, text_mode):
     data = require(Path(folder) / "u.data", "ml-100k.zip", GROUPLENS_URL, layout)
     item = require(Path(folder) / "u.item", "ml-100k.zip", GROUPLENS_URL, layout)
     rows = {"user": [], "item": [], "time": [], "rating": []}
-    with open(data, encoding="latin-1") as f:
+    with open_text(data, "latin-1") as f:
         for line_no, line in enumerate(f, 1):
             parts = line.split()
             if len(parts) != 4 or not all(x.isdigit() for x in parts):
@@ -280,7 +305,7 @@ def read_grouplens(folder, text_mode):
             rows["rating"].append(float(parts[2]))
             rows["time"].append(float(parts[3]))
     texts = {}
-    with open(item, encoding="latin-1") as f:
+    with open_text(item, "latin-1") as f:
         for line_no, line in enumerate(f, 1):
             parts = line.rstrip("\n").split("|")
             if len(parts) != 5 + len(GROUPLENS_GENRES):
@@ -305,13 +330,13 @@ def read_mind(raw_dir):
         behaviors = require(folder / "behaviors.tsv", "MIND", MIND_URL, layout)
         news = require(folder / "news.tsv", "MIND", MIND_URL, layout)
         files += [str(behaviors), str(news)]
-        with open(news, encoding="utf-8") as f:
+        with open_text(news) as f:
             for line_no, line in enumerate(f, 1):
                 parts = line.rstrip("\n").split("\t")
                 if len(parts) < 4:
                     raise malformed(news, line_no, "expected news_id, category, subcategory, title, ...", line)
                 texts.setdefault(parts[0], parts[3].strip())
-        with open(behaviors, encoding="utf-8") as f:
+        with open_text(behaviors) as f:
             for line_no, line in enumerate(f, 1):
                 parts = line.rstrip("\n").split("\t")
                 if len(parts) != 5:

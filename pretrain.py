@@ -6,7 +6,8 @@ its own it is the SASRec baseline of Table 2 (and Table 3's "Origin" for GRU4Rec
 
 Reads data/NAME/dataset.pt (prepare_data.py); writes runs/NAME/pretrain_BACKBONE_seedS.pt
 and a metrics .json beside it. The training loop `fit` is shared by align.py and
-finetune.py, which add their own loss terms and model.
+finetune.py, which add their own loss terms and model. While a phase runs, OUT.last.pt
+holds its state after the latest epoch, for --resume; it is removed when the phase finishes.
 """
 import argparse
 import copy
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from evaluate import evaluate, format_metrics, protocol, split_sequences
-from models import BACKBONES, make_expert
+from models import BACKBONES, make_expert, read_checkpoint
 from prepare_data import atomic_save, atomic_write_text, load_dataset
 
 
@@ -32,12 +33,16 @@ def add_training_args(p):
     # DEVIATION: default batch 128 users so that the offline default converges in minutes on a
     # CPU; the paper's Appendix A uses 16 (pass --batch-size 16).
     p.add_argument("--batch-size", type=int, default=128, help="users per mini-batch; paper: 16 (Appendix A)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (not given in the paper)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (not given in the paper); "
+                   "pretrain.py with --backbone gru4rec defaults to 3e-3")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay; paper: 0.1 (Appendix A)")
     p.add_argument("--patience", type=int, default=10, help="early stopping: epochs without a better valid nDCG@10; paper: 10")
     p.add_argument("--eval-batch-size", type=int, default=512, help="users ranked at once in evaluation (bounds memory)")
     p.add_argument("--out", default=None, help="checkpoint path; default runs/NAME/<phase>_<settings>_seedS.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT.last.pt (weights, AdamW and RNG state after its latest "
+                        "epoch; removed when a run finishes) with the same flags; --epochs may change")
 
 
 def resolve_device(name):
@@ -72,10 +77,40 @@ def bce_loss(pos_logits, neg_logits, mask):
             + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg)))
 
 
-def fit(model, data, args, extra_loss=None, use_rec_loss=True):
+# --- Plumbing: the per-epoch state behind --resume ----------------------------------------
+
+RESUME_FREE = ("resume", "quiet", "epochs", "out", "data")  # may differ on --resume; the data by fingerprint
+
+
+def state_path(out):
+    """Where a run keeps its resumable state while it trains: OUT.last.pt beside OUT."""
+    return Path(out).with_suffix(".last.pt")
+
+
+def read_state(path, data, args):
+    """The state file for --resume, refused when it was written for other data or flags."""
+    if not path.is_file():
+        raise SystemExit(f"--resume: {path} not found (no epoch of this run finished, or it completed); "
+                         f"run without --resume")
+    state = read_checkpoint(path, keys=("epoch", "state", "optimizer", "rng", "args", "fingerprint"))
+    if state["fingerprint"] != data["fingerprint"]:
+        raise SystemExit(f"--resume: {path} was written for dataset {state['args']['data']!r} (fingerprint "
+                         f"{state['fingerprint']}), not {args.data!r} ({data['fingerprint']}); pass that --data "
+                         f"or run without --resume")
+    now, then = vars(args), state["args"]
+    diff = [f"--{k.replace('_', '-')} {then.get(k)} (now {now.get(k)})" for k in sorted(now.keys() | then.keys())
+            if k not in RESUME_FREE and now.get(k) != then.get(k)]
+    if diff:
+        raise SystemExit(f"--resume: {path} was written with {', '.join(diff)}; pass the same flags "
+                         f"or run without --resume")
+    return state
+
+
+def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
     """Alg. 1's loop: mini-batches of users, L_REC (Eq. 1 / 6) plus, if given, the phase's
     extra term extra_loss(model, seq, pos) -> (term, {name: value to log}); AdamW,
-    validation nDCG@10 after each epoch, early stopping with patience.
+    validation nDCG@10 after each epoch, early stopping with patience. After each epoch
+    the state (weights, AdamW, RNGs, best so far, log) goes to OUT.last.pt for --resume.
     Returns the model with its best-validation weights restored and the epoch log."""
     device = next(model.parameters()).device
     train_in, train_pos = split_sequences(data["seqs"], "train")  # (U, L) each
@@ -84,10 +119,24 @@ def fit(model, data, args, extra_loss=None, use_rec_loss=True):
     keep = real.any(1)  # users with at least one training position
     train_in, train_pos, train_items, real = train_in[keep], train_pos[keep], train_items[keep], real[keep]
     opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
-    gen = torch.Generator().manual_seed(args.seed)
-    best, best_state, log, since_best = -1.0, None, [], 0
+    gen = torch.Generator().manual_seed(args.seed)  # negatives and batch order
+    epoch, best, best_state, log, since_best = 0, -1.0, None, [], 0
+    last = state_path(out)
+    if args.resume:
+        state = read_state(last, data, args)
+        model.load_state_dict(state["state"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["rng"]["negatives"])
+        torch.set_rng_state(state["rng"]["torch"])  # dropout (and align.py's MMD subset) on CPU
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        epoch, best, best_state, log, since_best = (state[k] for k in ("epoch", "best", "best_state", "log", "since_best"))
+        print(f"resumed from {last} after epoch {epoch}", flush=True)
+    elif last.exists():
+        print(f"starting over: {last} of an earlier run will be overwritten (--resume continues it)", flush=True)
     k = 10
-    for epoch in range(1, args.epochs + 1):
+    while epoch < args.epochs and since_best < args.patience:
+        epoch += 1
         t0 = time.time()
         model.train()
         neg = sample_negatives(train_items, data["n_items"], train_pos.shape, gen) * real  # (U, L), redrawn each epoch
@@ -105,8 +154,9 @@ def fit(model, data, args, extra_loss=None, use_rec_loss=True):
                     term, extra_logs = extra_loss(model, seq, pos)
                     loss, logs = loss + term, {**logs, **extra_logs}
             if not torch.isfinite(loss):
-                raise SystemExit(f"non-finite loss {loss.item()} at epoch {epoch}, batch {step}; "
-                                 f"lower --lr or check the input data (last good checkpoint kept)")
+                kept = f"the state after epoch {epoch - 1} is kept in {last}" if epoch > 1 else "no epoch finished"
+                raise SystemExit(f"non-finite loss {loss.item()} at epoch {epoch}, batch {step + 1} of {len(batches)}; "
+                                 f"lower --lr or check the input data ({kept})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -124,17 +174,22 @@ def fit(model, data, args, extra_loss=None, use_rec_loss=True):
         losses = " ".join(f"{n} {row[n]:.4f}" for n in sums)
         print(f"epoch {epoch:3d}  {losses}  valid HR@{k} {row[f'valid_HR@{k}']:.2f} nDCG@{k} "
               f"{row[f'valid_nDCG@{k}']:.2f}  {row['seconds']:.1f}s{'  *' if better else ''}", flush=True)
-        if since_best >= args.patience:
-            print(f"early stop: no better valid nDCG@{k} for {args.patience} epochs", flush=True)
-            break
+        rng = {"negatives": gen.get_state(), "torch": torch.get_rng_state(),
+               **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+        atomic_save({"epoch": epoch, "state": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng,
+                     "best": best, "best_state": best_state, "since_best": since_best, "log": log,
+                     "args": vars(args), "fingerprint": data["fingerprint"]}, last)
+    if since_best >= args.patience:
+        print(f"early stop: no better valid nDCG@{k} for {args.patience} epochs", flush=True)
     # DEVIATION: the authors' release tests the last epoch's weights; we restore the best-validation ones.
     model.load_state_dict(best_state)
     return model, log
 
 
 def finish(model, model_args, data, args, phase, log, out, extra=None):
-    """Test the restored best model, print the protocol and metrics, and write the
-    self-describing checkpoint and a metrics JSON beside it (both atomically)."""
+    """Test the restored best model, print the protocol and metrics, write the
+    self-describing checkpoint and a metrics JSON beside it (both atomically), and remove
+    the run's OUT.last.pt: the phase is done."""
     t0 = time.time()
     valid = evaluate(model, data, "valid", 10, args.eval_batch_size)
     test = evaluate(model, data, "test", 10, args.eval_batch_size)
@@ -151,6 +206,7 @@ def finish(model, model_args, data, args, phase, log, out, extra=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(ckpt, out)
     atomic_write_text(json.dumps(metrics, indent=1), out.with_suffix(".json"))
+    state_path(out).unlink(missing_ok=True)
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return metrics
 
@@ -163,7 +219,10 @@ def main():
     p.add_argument("--n-blocks", type=int, default=5, help="SASRec self-attention blocks; authors' release: 5")
     p.add_argument("--n-heads", type=int, default=2, help="SASRec attention heads; authors' release: 2")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout probability; paper: 0.1 (Appendix A)")
+    p.set_defaults(lr=None)
     args = p.parse_args()
+    if args.lr is None:  # GRU4Rec from scratch plateaus within the patience window at 1e-3 on ml-100k
+        args.lr = 3e-3 if args.backbone == "gru4rec" else 1e-3
 
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
@@ -176,7 +235,7 @@ def main():
     # --- Phase 1: the ID expert f_id on collaborative embeddings only, BCE of Eq. (1) ---
     model = make_expert("id", data["n_items"], data["text_emb"], model_args).to(device)
     print(protocol(data, "valid", 10))
-    model, log = fit(model, data, args)
+    model, log = fit(model, data, args, out)
     finish(model, model_args, data, args, 1, log, out)
 
 
