@@ -366,3 +366,15 @@ def test_device_cuda_without_cuda(script, work, dataset, phase1):
     args = ["--ckpt", phase1["sasrec"][0]] if script == "evaluate.py" else ["--data", dataset, *TRAIN, "--out", work / "unused.pt"]
     r = run(script, *args, "--device", "cuda", ok=False)
     refused(r, "CUDA is not available")
+
+
+def test_evaluate_kendall_cli(dataset, phase1, phase2):
+    """evaluate.py --kendall between phase-1 and phase-2 ID tables and the frozen text table."""
+    p1, p2 = phase1["sasrec"][0], phase2[0]
+    r = run("evaluate.py", "--kendall", p1, p1, "--data", dataset)
+    taus = [float(t) for t in r.stdout.strip().splitlines()[-1].split()[1:]]
+    assert len(taus) == 10 and all(t == pytest.approx(1.0) or t != t for t in taus)  # nan: bucket without pairs
+    r = run("evaluate.py", "--kendall", p1, "text", "--data", dataset)
+    assert r.stdout.strip().splitlines()[-1].startswith("tau")
+    r = run("evaluate.py", "--kendall", p2, f"{p1}:no.such.key", "--data", dataset, ok=False)
+    refused(r, "no.such.key", "items.h_c.weight")
