@@ -146,6 +146,27 @@ def comparison_table(runs, k=10):
     return "\n".join(lines)
 
 
+# --- Serving: top-k for one user, no LLM at inference -----------------------------------
+
+
+@torch.no_grad()
+def recommend(model, data, history, k=10):
+    """Top-k items after a behaviour sequence `history` (item ids 1..N, oldest first) from a
+    trained model of any phase; the history's items are excluded. The frozen text table is
+    only read: no LLM runs. Returns [(item id, raw id, title, score)]."""
+    model.eval()
+    device = next(model.parameters()).device
+    L = data["seqs"].shape[1] - 3
+    seq = torch.zeros(1, L, dtype=torch.long)
+    recent = torch.tensor(history[-L:], dtype=torch.long)
+    seq[0, L - len(recent):] = recent  # left-padded, like the training data
+    scores = model.full_scores(seq.to(device))[0].float().cpu()  # (N+1,)
+    scores[0] = -math.inf
+    scores[torch.tensor(history, dtype=torch.long)] = -math.inf
+    top = scores.topk(min(k, data["n_items"] - len(set(history))))
+    return [(i, data["raw_ids"][i], data["titles"][i], s) for s, i in zip(top.values.tolist(), top.indices.tolist())]
+
+
 # --- Eq. (13): Kendall's tau between embedding-distance distributions (Sec. 4.3, Fig. 6) ---
 
 
@@ -220,6 +241,9 @@ def main():
     p.add_argument("--table", nargs="+", metavar="LABEL=GLOB[,GLOB]",
                    help="instead of --ckpt: compare the test metrics JSONs of finished runs, e.g. "
                         "SASRec='runs/ml-100k/pretrain_sasrec_seed*.json' PAD='runs/ml-100k/finetune_*_seed*.json'")
+    p.add_argument("--recommend", metavar="RAW_IDS",
+                   help="with --ckpt: print the top --k items after this comma-separated history of raw item ids "
+                        "(oldest first, as in the raw files), history excluded")
     p.add_argument("--kendall", nargs=2, metavar="TABLE",
                    help="instead of --ckpt: Kendall's tau (Eq. 13) per target bucket between two embedding tables, each "
                         "'text' (the frozen text table) or CKPT.pt[:STATE_KEY] (default: its collaborative ID table)")
@@ -265,9 +289,19 @@ def main():
     device = resolve_device(args.device)
     ckpt = read_checkpoint(args.ckpt)
     data = load_dataset(args.data or ckpt["args"]["data"])
-    model = model_from_checkpoint(ckpt, data, args.ckpt)
+    model = model_from_checkpoint(ckpt, data, args.ckpt).to(device)
+    if args.recommend:
+        index = {raw: i for i, raw in enumerate(data["raw_ids"]) if i}
+        unknown = [r for r in args.recommend.split(",") if r not in index]
+        if unknown:
+            raise SystemExit(f"--recommend: raw item ids {', '.join(unknown)} are not in {data['name']} "
+                             f"(ids are those of the raw files, e.g. {', '.join(data['raw_ids'][1:4])})")
+        history = [index[r] for r in args.recommend.split(",")]
+        for rank, (i, raw, title, score) in enumerate(recommend(model, data, history, args.k), start=1):
+            print(f"{rank:3d}  {raw:>12}  {score:8.3f}  {title}")
+        return
     print(protocol(data, args.split, args.k))
-    m = evaluate(model.to(device), data, args.split, args.k, args.batch_size)
+    m = evaluate(model, data, args.split, args.k, args.batch_size)
     print(f"phase {ckpt['phase']} {args.ckpt}: {format_metrics(m, args.k)}")
     print(json.dumps(m, indent=1))
 

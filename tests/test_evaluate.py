@@ -1,7 +1,7 @@
 """Tests of evaluate.py: full-ranking HR@k / nDCG@k against plain python loops on random
 scores, the splits of Appendix A on a hand-written sequence, chunked evaluation with a fake
 model, the warm / median / cold groups, the seeds table, and Kendall's tau (Eq. 13) against
-scipy and a loop."""
+scipy and a loop, and top-k recommendation."""
 import json
 import math
 import os
@@ -14,8 +14,8 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from evaluate import (behaviour_target_pairs, bucket_groups, comparison_table, embedding_kendall_tau,  # noqa: E402
-                      evaluate, history_before_target, hr_ndcg, kendall_tau, split_sequences, summarise,
-                      target_ranks)
+                      evaluate, history_before_target, hr_ndcg, kendall_tau, recommend, split_sequences,
+                      summarise, target_ranks)
 
 
 def gen(seed):
@@ -309,3 +309,22 @@ def test_embedding_kendall_tau_across_dimensions():
     assert all(t == pytest.approx(1.0, abs=1e-9) for t in same.values())
     noise = embedding_kendall_tau(e, torch.randn(31, 5, generator=gen(7)), seqs, bucket, 3)
     assert all(abs(t) < 0.3 for t in noise.values())
+
+
+# --- Serving: recommend ------------------------------------------------------------------
+
+
+def test_recommend_is_topk_of_the_scores_without_history():
+    N, L = 40, 5
+    history = [3, 17, 8, 3, 25, 9, 11]  # longer than L, with a repeat
+    scores = torch.randn(1, N + 1, generator=gen(8))
+    window = torch.tensor([[8, 3, 25, 9, 11]])  # the last L items
+    model = FixedScores(window, scores).eval()
+    data = {"seqs": torch.zeros(1, L + 3, dtype=torch.long), "n_items": N,
+            "raw_ids": [""] + [f"r{i}" for i in range(1, N + 1)], "titles": [""] + [f"t{i}" for i in range(1, N + 1)]}
+    got = recommend(model, data, history, k=6)
+    expected = sorted((i for i in range(1, N + 1) if i not in history), key=lambda i: -scores[0, i].item())[:6]
+    assert [i for i, *_ in got] == expected
+    assert got[0][1:3] == (f"r{expected[0]}", f"t{expected[0]}")
+    assert got[0][3] == pytest.approx(scores[0, expected[0]].item())
+    assert len(recommend(model, data, history, k=1000)) == N - len(set(history))  # never padding or history

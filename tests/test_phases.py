@@ -378,3 +378,13 @@ def test_evaluate_kendall_cli(dataset, phase1, phase2):
     assert r.stdout.strip().splitlines()[-1].startswith("tau")
     r = run("evaluate.py", "--kendall", p2, f"{p1}:no.such.key", "--data", dataset, ok=False)
     refused(r, "no.such.key", "items.h_c.weight")
+
+
+def test_evaluate_recommend_cli(dataset, phase3):
+    """evaluate.py --recommend: top-k titles for a raw-id history, history excluded."""
+    data = load(Path(dataset) / "dataset.pt")
+    history = data["raw_ids"][1:4]
+    r = run("evaluate.py", "--ckpt", phase3[0], "--recommend", ",".join(history), "--k", "5", "--data", dataset)
+    rows = r.stdout.strip().splitlines()
+    assert len(rows) == 5 and not any(row.split()[1] in history for row in rows)
+    refused(run("evaluate.py", "--ckpt", phase3[0], "--recommend", "no-such-id", "--data", dataset, ok=False), "no-such-id")
