@@ -1,6 +1,9 @@
 """Full-ranking evaluation of any PAD phase's checkpoint (Sec. 4.1.2, Fig. 2).
 
     python evaluate.py --ckpt runs/ml-100k/pretrain_sasrec_seed0.pt [--split test] [--k 10]
+    python evaluate.py --ckpt CKPT --recommend 50,172,181            # top-k for a history
+    python evaluate.py --table SASRec='runs/ml-100k/pretrain_sasrec_seed*.json' PAD=...   # mean ± std
+    python evaluate.py --kendall CKPT_A CKPT_B                        # Eq. (13) per bucket
 
 Protocol (printed at run time): validation predicts item l-1 from the 20 items before
 it, test predicts item l; every one of the N items is ranked (no sampled negatives);

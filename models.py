@@ -139,7 +139,8 @@ def make_encoder(backbone, d, L, n_blocks, n_heads, dropout):
 
 
 class TextMLP(nn.Module):
-    """Eq. (7): f_MLP(SG(h_text), w), the learnable reduction of the frozen text table.
+    """Eq. (7): f_MLP(SG(h_text), w), the learnable reduction of the frozen text table; with
+    its own weights w' it is the LLM expert's item representation (Eq. 10).
 
     As in the authors' release: d_text -> d with GELU, then four [dropout, linear, GELU].
     The text table is a non-persistent buffer: frozen (stop-gradient) and never copied
@@ -170,17 +171,6 @@ class IDItems(nn.Module):
 
     def forward(self, items):
         return self.h_c(items)  # (..., d)
-
-
-class TextItems(nn.Module):
-    """Textual item embeddings h^s = f_MLP(SG(h_text)) (the LLM expert, Eq. 10)."""
-
-    def __init__(self, text_emb, d, dropout):
-        super().__init__()
-        self.f_mlp = TextMLP(text_emb, d, dropout)
-
-    def forward(self, items):
-        return self.f_mlp(items)
 
 
 class AlignedItems(nn.Module):
@@ -241,7 +231,7 @@ def make_expert(kind, n_items, text_emb, cfg):
     elif kind == "align":
         items = AlignedItems(n_items, text_emb, d, cfg["dropout"])
     elif kind == "llm":
-        items = TextItems(text_emb, d, cfg["dropout"])
+        items = TextMLP(text_emb, d, cfg["dropout"])  # h^s = f_MLP(SG(h_text), w'), Eq. (10)
     else:
         raise ValueError(f"unknown expert {kind!r}; choose from {', '.join(EXPERTS)}")
     encoder = make_encoder(cfg["backbone"], d, cfg["L"], cfg["n_blocks"], cfg["n_heads"], cfg["dropout"])

@@ -259,7 +259,7 @@ def test_text_table_frozen_and_id_tables_learn():
     assert all(t.grad is None for t in text_tables)
     for table in (pad.experts["id"].items.h_c.weight, pad.experts["align"].items.id.h_c.weight):
         assert table.requires_grad and table.grad is not None and table.grad[1:].abs().sum() > 0
-    assert pad.experts["llm"].items.f_mlp.mlp[0].weight.grad.abs().sum() > 0  # w' of Eq. (10) learns
+    assert pad.experts["llm"].items.mlp[0].weight.grad.abs().sum() > 0  # w' of Eq. (10) learns
     assert pad.gate.w.grad.abs().sum() > 0 and pad.gate.a.weight.grad.abs().sum() > 0
     opt.step()
     assert all(torch.equal(t, b) for t, b in zip(text_tables, before))

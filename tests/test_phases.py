@@ -285,7 +285,7 @@ def test_finetune_starts_from_phase1_and_phase2(work, dataset, phase1, phase2):
     p1, p2, p3 = load(phase1["sasrec"][0])["state"], load(phase2[0])["state"], load(path)["state"]
     assert all(torch.equal(p3[f"experts.id.{k}"], v) for k, v in p1.items())
     assert all(torch.equal(p3[f"experts.align.{k}"], v) for k, v in p2.items())
-    assert any(k.startswith("experts.llm.items.f_mlp.") for k in p3)  # a new LLM expert
+    assert any(k.startswith("experts.llm.items.mlp.") for k in p3)  # a new LLM expert
 
 
 def test_evaluate_phase3_and_table(phase1, phase3):
