@@ -192,6 +192,24 @@ class AlignedItems(nn.Module):
         return F.gelu(self.fuse(torch.cat([h_c, h_s], dim=-1)))  # (..., d)
 
 
+class ChunkItems(nn.Module):
+    """DisCo's item representation (Du et al., 2024; Table 2 baseline): the embedding is split
+    into a collaborative chunk h^c (d/2, an ID table) and a semantic chunk h^s (d/2, f_MLP
+    over the frozen text table), concatenated; `parts` gives the chunks for its sufficiency
+    and disentanglement losses (disco_losses)."""
+
+    def __init__(self, n_items, text_emb, d, dropout):
+        super().__init__()
+        self.id = IDItems(n_items, d // 2)
+        self.f_mlp = TextMLP(text_emb, d - d // 2, dropout)
+
+    def parts(self, items):
+        return self.id(items), self.f_mlp(items)  # (..., d/2) each
+
+    def forward(self, items):
+        return torch.cat(self.parts(items), dim=-1)  # (..., d)
+
+
 # --- One expert = item representation + sequence encoder ----------------------------------
 
 
@@ -223,8 +241,10 @@ class Expert(nn.Module):
 
 
 def make_expert(kind, n_items, text_emb, cfg):
-    """Build the ID ('id', Eq. 8), alignment ('align', Eq. 9) or LLM ('llm', Eq. 10) expert.
-    cfg holds backbone, d, L, n_blocks, n_heads, dropout (the model_args of a checkpoint)."""
+    """Build the ID ('id', Eq. 8), alignment ('align', Eq. 9) or LLM ('llm', Eq. 10) expert,
+    or DisCo's chunked single recommender ('disco'). cfg holds backbone, d, L, n_blocks,
+    n_heads, dropout (the model_args of a checkpoint). Trained alone from scratch, 'align'
+    is the Hybrid baseline and 'llm' is MoRec (baselines.py)."""
     d = cfg["d"]
     if kind == "id":
         items = IDItems(n_items, d)
@@ -232,8 +252,10 @@ def make_expert(kind, n_items, text_emb, cfg):
         items = AlignedItems(n_items, text_emb, d, cfg["dropout"])
     elif kind == "llm":
         items = TextMLP(text_emb, d, cfg["dropout"])  # h^s = f_MLP(SG(h_text), w'), Eq. (10)
+    elif kind == "disco":
+        items = ChunkItems(n_items, text_emb, d, cfg["dropout"])
     else:
-        raise ValueError(f"unknown expert {kind!r}; choose from {', '.join(EXPERTS)}")
+        raise ValueError(f"unknown expert {kind!r}; choose from {', '.join(EXPERTS)} or disco")
     encoder = make_encoder(cfg["backbone"], d, cfg["L"], cfg["n_blocks"], cfg["n_heads"], cfg["dropout"])
     return Expert(items, encoder, n_items)
 
@@ -329,6 +351,38 @@ class PAD(nn.Module):
         h = [h_k[:, -1, None] for h_k in self.states(seq)]  # K x (B, 1, d)
         buckets = torch.arange(1, self.n_buckets + 1, device=seq.device)
         return self.gate(buckets.expand(len(seq), -1), h).mean(0)
+
+
+# --- Baselines' extra losses (Table 2; trained by baselines.py) ---------------------------
+
+
+def disco_losses(model, seq, pos, tau=1.0):
+    """DisCo's two regularisers for a 'disco' expert, on a batch of sequences (B, L) and next
+    items (B, L), over the real positions:
+
+    sufficiency: each chunk alone must single out the next item. With the state and the
+        item embedding cut into the same chunks (h^c | h^s), in-batch softmax cross-entropy
+        of the chunk score <state chunk, item chunk> against the batch's other next items.
+    disentanglement: the two chunks of an item carry different information. The mean
+        squared cross-correlation between the standardised chunks over the batch's items
+        (zero when every collaborative dimension is uncorrelated with every semantic one).
+    DEVIATION: DisCo's dual-side attentive network and its MI estimators are not built;
+    these are the two constraints in their simplest form, on one SASRec (README)."""
+    mask = pos != 0
+    h = model(seq)[mask]  # (n, d) states before each real next item
+    items = pos[mask]  # (n,)
+    chunks = model.items.parts(items)  # (n, d/2) x 2
+    cut = chunks[0].shape[-1]
+    states = (h[:, :cut], h[:, cut:])
+    same = items[:, None] == items[None, :]  # (n, n) the same item at another position is not a negative
+    eye = torch.eye(len(items), dtype=torch.bool, device=items.device)
+    sufficiency = 0.0
+    for s, e in zip(states, chunks):
+        logits = (s @ e.T / tau).masked_fill(same & ~eye, float("-inf"))  # (n, n), positives on the diagonal
+        sufficiency = sufficiency + F.cross_entropy(logits, torch.arange(len(items), device=items.device))
+    z = [(c - c.mean(0)) / (c.std(0) + 1e-6) for c in chunks]  # standardised over the batch
+    cross = z[0].T @ z[1] / (len(items) - 1)  # (d/2, d/2) correlation matrix
+    return sufficiency, cross.pow(2).mean()
 
 
 # --- Rebuilding any phase's model from its checkpoint -------------------------------------

@@ -1,0 +1,134 @@
+"""The baselines of Table 2 (Sec. 4.1.3) that are not a PAD phase, each one small recommender
+trained with the shared loop of pretrain.py (same data, negatives, early stopping, test).
+
+    python baselines.py --data ml-100k --method morec
+
+  hybrid  Hybrid encoding (CoLLM, LLaRA): the ID embedding and the reduced text embedding
+          concatenated (then GELU(Linear), as the alignment expert) into one SASRec, from scratch.
+  morec   MoRec (Yuan et al., 2023): the reduced text embedding f_MLP(SG(h_text)) alone.
+  ctrl    CTRL (Li et al., 2023): stage 1 aligns the ID table with a text tower f_MLP by
+          symmetric InfoNCE (cosine, tau 0.07) for --ctrl-epochs; stage 2 fine-tunes the ID
+          SASRec from that table on BCE alone (the text tower is dropped).
+  make    MAKE (the paper's two-expert baseline): an ID expert from scratch and an LLM expert
+          initialised from the morec run, outputs fused with one learned weight per expert.
+  disco   DisCo (Du et al., 2024): the item embedding in two chunks (ID | reduced text), BCE
+          plus --sufficiency x (each chunk alone predicts the next item) plus
+          --disentangle x (the chunks' cross-correlation).
+
+SASRec is pretrain.py and SMEM is align.py --gamma 0 then finetune.py (experiments.py runs
+both). Writes runs/NAME/baseline_METHOD_BACKBONE_seedS.pt and a metrics .json beside it
+(CTRL also its stage-1 table, OUT.stage1.pt). The choices each baseline pins down where the
+paper is brief are in the README.
+"""
+import argparse
+from pathlib import Path
+
+import torch
+
+from evaluate import protocol, split_sequences
+from mmd import TAU, info_nce
+from models import BACKBONES, build_model, check_checkpoint, disco_losses, make_expert, model_from_checkpoint, read_checkpoint
+from prepare_data import atomic_save, load_dataset
+from pretrain import add_training_args, finish, fit, resolve_device
+
+METHODS = ("hybrid", "morec", "ctrl", "make", "disco")
+
+
+def ctrl_stage1(model, data, args, device):
+    """CTRL stage 1: symmetric InfoNCE between the ID table h^c and the text tower f_MLP
+    over the distinct items of each batch of training sequences (no recommendation loss;
+    the encoder is not trained). model: a 'align'-kind expert whose items.parts gives both."""
+    seqs, _ = split_sequences(data["seqs"], "train")
+    params = list(model.items.id.parameters()) + list(model.items.f_mlp.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    gen = torch.Generator().manual_seed(args.seed)
+    model.train()
+    for epoch in range(1, args.ctrl_epochs + 1):
+        order, total = torch.randperm(len(seqs), generator=gen), 0.0
+        batches = range(0, len(order), args.batch_size)
+        for i in batches:
+            items = seqs[order[i:i + args.batch_size]].unique().to(device)
+            items = items[items != 0]  # (n,) distinct items: a repeat would be a false negative
+            h_c, h_s = model.items.parts(items)  # (n, d) each
+            loss = (info_nce(h_c, h_s, args.ctrl_tau) + info_nce(h_s, h_c, args.ctrl_tau)) / 2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        print(f"ctrl stage 1 epoch {epoch:3d}  infonce {total / len(batches):.4f}", flush=True)
+    return model
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_args(p)
+    p.add_argument("--method", required=True, choices=METHODS, help="which Table 2 baseline")
+    p.add_argument("--backbone", default="sasrec", choices=BACKBONES, help="sequential recommender; paper: sasrec")
+    p.add_argument("--d", type=int, default=128, help="hidden size d (as pretrain.py)")
+    p.add_argument("--n-blocks", type=int, default=5, help="SASRec self-attention blocks (as pretrain.py)")
+    p.add_argument("--n-heads", type=int, default=2, help="SASRec attention heads (as pretrain.py)")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout probability (as pretrain.py)")
+    p.add_argument("--ctrl-epochs", type=int, default=20, help="ctrl: epochs of the contrastive stage 1")
+    p.add_argument("--ctrl-tau", type=float, default=TAU, help="ctrl: InfoNCE temperature")
+    p.add_argument("--morec", default=None, help="make: the morec checkpoint seeding the LLM expert; "
+                   "default runs/NAME/baseline_morec_BACKBONE_seedS.pt")
+    p.add_argument("--sufficiency", type=float, default=0.1, help="disco: weight of the sufficiency loss")
+    p.add_argument("--disentangle", type=float, default=0.1, help="disco: weight of the disentanglement loss")
+    args = p.parse_args()
+
+    torch.manual_seed(args.seed)
+    device = resolve_device(args.device)
+    data = load_dataset(args.data)
+    name = data["name"]
+    out = args.out or f"runs/{name}/baseline_{args.method}_{args.backbone}_seed{args.seed}.pt"
+    L = data["seqs"].shape[1] - 3
+    cfg = {"kind": "expert", "backbone": args.backbone, "d": args.d, "L": L, "n_blocks": args.n_blocks,
+           "n_heads": args.n_heads, "dropout": args.dropout}
+    phase, extra_loss, extra = f"baseline {args.method}", None, {}
+
+    if args.method in ("hybrid", "morec", "disco"):
+        model_args = {**cfg, "expert": {"hybrid": "align", "morec": "llm", "disco": "disco"}[args.method]}
+        model = make_expert(model_args["expert"], data["n_items"], data["text_emb"], model_args)
+        if args.method == "disco":
+            def extra_loss(model, seq, pos):
+                sufficiency, disentangle = disco_losses(model, seq, pos)
+                return (args.sufficiency * sufficiency + args.disentangle * disentangle,
+                        {"sufficiency": sufficiency, "disentangle": disentangle})
+    elif args.method == "ctrl":
+        stage1_path = Path(out).with_suffix(".stage1.pt")
+        stage1_args = {**cfg, "expert": "align"}
+        stage1 = make_expert("align", data["n_items"], data["text_emb"], stage1_args).to(device)
+        if stage1_path.is_file():  # a finished stage 1 is reused, as any finished run
+            stage1.load_state_dict(model_from_checkpoint(read_checkpoint(stage1_path), data, stage1_path).state_dict())
+            print(f"ctrl stage 1: reusing {stage1_path}")
+        else:
+            ctrl_stage1(stage1, data, args, device)
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            atomic_save({"phase": "ctrl stage 1", "model_args": stage1_args, "dataset": name,
+                         "state": {k: v.cpu() for k, v in stage1.state_dict().items()},
+                         "args": vars(args), "n_items": data["n_items"], "fingerprint": data["fingerprint"]}, stage1_path)
+        model_args = {**cfg, "expert": "id"}
+        model = make_expert("id", data["n_items"], data["text_emb"], model_args)
+        model.items.load_state_dict(stage1.items.id.state_dict())  # stage 2 starts from the aligned table
+        extra = {"stage1": str(stage1_path)}
+    else:  # make
+        morec = args.morec or f"runs/{name}/baseline_morec_{args.backbone}_seed{args.seed}.pt"
+        ckpt = read_checkpoint(morec)
+        check_checkpoint(ckpt, data, morec, phase="baseline morec", backbone=args.backbone, like=cfg)
+        model_args = {**cfg, "kind": "pad", "experts": ["id", "llm"], "gate": "none"}
+        model = build_model(model_args, data)
+        model.experts["llm"].load_state_dict(model_from_checkpoint(ckpt, data, morec).state_dict())
+        extra = {"init": morec}
+    model.to(device)
+
+    print(protocol(data, "valid", 10))
+    print(f"baseline {args.method} on {args.backbone}")
+    model, log = fit(model, data, args, out, extra_loss=extra_loss)
+    if args.method == "make":
+        extra["expert_weights"] = dict(zip(model.experts, torch.softmax(model.gate.v, 0).tolist()))
+        print(f"fused expert weights: {extra['expert_weights']}")
+    finish(model, model_args, data, args, phase, log, out, extra=extra)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,478 @@
+"""The paper's experiments (Sec. 4): Table 2-3 and Fig. 2-6, on any prepared dataset, for
+several seeds, through the real phase scripts.
+
+    python experiments.py table2 fig2 fig4 fig5 --data ml-100k --seeds 0 1 2 --jobs 2
+
+Each experiment is a set of runs (one script call: pretrain.py, align.py, finetune.py or
+baselines.py) grouped under the paper's labels. A run whose checkpoint and metrics JSON
+exist is never recomputed, so an interrupted call picks up where it stopped (a run killed
+mid-way continues from its OUT.last.pt with --resume); runs shared by experiments (SASRec,
+PAD) are trained once. Runs go to RUNS/NAME/ under the phase scripts' own default names, so
+`make run` outputs are reused. Per experiment, RESULTS/NAME/ gets EXP.csv (one row per
+run), EXP.json (the rows and the summary), EXP.md (the table) and EXP.png (the figure).
+
+  table2  SASRec, Hybrid, MoRec, CTRL, MAKE, DisCo, SMEM and PAD: HR@10 / nDCG@10 mean ± std,
+          Impr. of PAD over SASRec, paired t-test of PAD against the best baseline (★: p < 0.05)
+  table3  GRU4Rec and Caser alone ("Origin") and inside PAD
+  fig2    HR@10 of SASRec and PAD on warm / median / cold target items
+  fig3    cold item pairs with the top / bottom 10% collaborative distance: their distances
+          in the collaborative and the textual space (SASRec, SMEM, CTRL, PAD; first seed)
+  fig4    No Alignment (SMEM), Non-Anchored, Rec-Anchored & Frozen, Rec-Anchored (PAD)
+  fig5    (a) alignment loss: linear, cosine, InfoNCE, Laplacian, Gaussian; (b) experts and gate
+  fig6    Kendall's tau (Eq. 13) per bucket between phase-1 and later collaborative tables:
+          (a) after each anchoring variant, (c) PAD's two ID tables after phase 3
+--extra passes flags to every training run (e.g. --extra "--epochs 2" for a smoke test),
+--model-flags to the runs that build a model from scratch; --dry-run lists the commands
+still to run.
+"""
+import argparse
+import concurrent.futures as cf
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from evaluate import GROUPS, bucket_groups, embedding_kendall_tau, embedding_table, mean_std
+from models import model_from_checkpoint, read_checkpoint
+from prepare_data import atomic_write_text, load_dataset
+
+EXPERIMENTS = ("table2", "table3", "fig2", "fig3", "fig4", "fig5", "fig6")
+PAPER_ALIGN = ("gaussian", "rec", 0.1)  # kernel, anchor, gamma of PAD's phase 2
+
+
+# --- Runs: one call of a phase script, named as the script names its output -----------------
+
+
+@dataclass(eq=False)  # runs compare by identity: each is built once by Plan
+class Run:
+    out: Path  # checkpoint; its metrics are out.with_suffix(".json")
+    cmd: list  # script and its own flags
+    deps: list = field(default_factory=list)  # Runs that must finish first
+
+    @property
+    def done(self):
+        return self.out.is_file() and self.out.with_suffix(".json").is_file()
+
+    def metrics(self):
+        return json.loads(self.out.with_suffix(".json").read_text())
+
+
+class Plan:
+    """The runs of one dataset and backbone-seed grid, each built once (shared by experiments)."""
+
+    def __init__(self, runs_dir, data):
+        self.dir, self.data, self.runs = Path(runs_dir), data, {}
+
+    def _run(self, name, cmd, seed, deps=()):
+        out = self.dir / name
+        if out not in self.runs:
+            self.runs[out] = Run(out, [*cmd, "--seed", str(seed), "--out", str(out)], list(deps))
+        return self.runs[out]
+
+    def pretrain(self, seed, backbone="sasrec"):
+        return self._run(f"pretrain_{backbone}_seed{seed}.pt", ["pretrain.py", "--backbone", backbone], seed)
+
+    def align(self, seed, kernel="gaussian", anchor="rec", gamma=0.1, backbone="sasrec"):
+        p1 = self.pretrain(seed, backbone)
+        return self._run(f"align_{backbone}_{kernel}_{anchor}_gamma{gamma:g}_seed{seed}.pt",
+                         ["align.py", "--backbone", backbone, "--init", str(p1.out), "--kernel", kernel,
+                          "--anchor", anchor, "--gamma", f"{gamma:g}"], seed, [p1])
+
+    def finetune(self, seed, align=PAPER_ALIGN, experts="id,align,llm", gate="freq", backbone="sasrec"):
+        p1 = self.pretrain(seed, backbone)
+        cmd, deps = ["finetune.py", "--backbone", backbone, "--pretrain", str(p1.out), "--experts", experts, "--gate", gate], [p1]
+        if "align" in experts.split(","):
+            p2 = self.align(seed, *align, backbone=backbone)
+            cmd, deps = cmd + ["--align", str(p2.out)], deps + [p2]
+        tag = "" if align == PAPER_ALIGN else "_{}_{}_gamma{:g}".format(*align)  # finetune.py's name + the variant
+        return self._run(f"finetune_{backbone}_{gate}_{experts.replace(',', '-')}{tag}_seed{seed}.pt", cmd, seed, deps)
+
+    def baseline(self, seed, method, backbone="sasrec"):
+        deps, cmd = [], ["baselines.py", "--method", method, "--backbone", backbone]
+        if method == "make":
+            morec = self.baseline(seed, "morec", backbone)
+            deps, cmd = [morec], cmd + ["--morec", str(morec.out)]
+        return self._run(f"baseline_{method}_{backbone}_seed{seed}.pt", cmd, seed, deps)
+
+
+def groups(exp, plan, seeds):
+    """An experiment's runs: {panel: {label: [Run per seed]}}, labelled as in the paper."""
+    def per_seed(make):
+        return [make(s) for s in seeds]
+
+    table2 = {"SASRec": per_seed(plan.pretrain),
+              **{m: per_seed(lambda s, m=m: plan.baseline(s, m.lower())) for m in ("Hybrid", "MoRec", "CTRL", "MAKE", "DisCo")},
+              "SMEM": per_seed(lambda s: plan.finetune(s, ("gaussian", "rec", 0.0))),
+              "PAD": per_seed(plan.finetune)}
+    if exp == "table2":
+        return {"": table2}
+    if exp == "table3":
+        return {b: {"Origin": per_seed(lambda s: plan.pretrain(s, b.lower())),
+                    "+PAD": per_seed(lambda s: plan.finetune(s, backbone=b.lower()))} for b in ("GRU4Rec", "Caser")}
+    if exp == "fig2":
+        return {"": {k: table2[k] for k in ("SASRec", "PAD")}}
+    if exp == "fig3":
+        return {"": {k: table2[k][:1] for k in ("SASRec", "SMEM", "CTRL", "PAD")}}
+    if exp == "fig4":
+        return {"": {"No Alignment": table2["SMEM"],
+                     "Non-Anchored": per_seed(lambda s: plan.finetune(s, ("gaussian", "none", 0.1))),
+                     "Rec-Anchored & Frozen": per_seed(lambda s: plan.finetune(s, ("gaussian", "frozen", 0.1))),
+                     "Rec-Anchored": table2["PAD"]}}
+    if exp == "fig5":
+        kernels = {"Linear": "linear", "Cosine": "cosine", "InfoNCE": "infonce", "Laplacian": "laplacian"}
+        ablation = {"w/o ID": ("align,llm", "freq"), "w/o align": ("id,llm", "freq"), "w/o LLM": ("id,align", "freq"),
+                    "only ID": ("id", "freq"), "only align": ("align", "freq"), "only LLM": ("llm", "freq"),
+                    "w/o gating": ("id,align,llm", "none")}
+        return {"(a) alignment loss": {**{lb: per_seed(lambda s, k=k: plan.finetune(s, (k, "rec", 0.1))) for lb, k in kernels.items()},
+                                       "Gaussian": table2["PAD"]},
+                "(b) ablation": {"PAD": table2["PAD"], **{lb: per_seed(lambda s, e=e, g=g: plan.finetune(s, experts=e, gate=g))
+                                                          for lb, (e, g) in ablation.items()}}}
+    if exp == "fig6":
+        return {"(a) anchoring": {"Non-Anchored": per_seed(lambda s: plan.align(s, anchor="none")),
+                                  "Rec-Anchored & Frozen": per_seed(lambda s: plan.align(s, anchor="frozen")),
+                                  "Rec-Anchored": per_seed(plan.align)},
+                "(c) triple experts": {"ID expert": table2["PAD"], "alignment expert": table2["PAD"]}}
+    raise ValueError(exp)
+
+
+# --- Running: dependencies first, --jobs at a time, finished runs skipped ------------------
+
+
+def execute(runs, args):
+    """Run every unfinished run after its dependencies, args.jobs at a time. Each run's output
+    goes to OUT.log; a failure stops its dependants, not the others, and is reported at the end."""
+    todo = [r for r in runs if not r.done]
+    if args.dry_run:
+        for r in todo:
+            print(" ".join(shlex.quote(c) for c in command(r, args)))
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))}
+    failed, running = [], {}
+    bar = tqdm(total=len(todo), desc="runs", disable=not todo)
+    with cf.ThreadPoolExecutor(args.jobs) as pool:
+        while todo or running:
+            for r in [r for r in todo if all(d.done for d in r.deps) and len(running) < args.jobs][:args.jobs - len(running)]:
+                todo.remove(r)
+                running[pool.submit(call, r, args, env)] = r
+            blocked = [r for r in todo if any(d in failed for d in r.deps)]  # identity: eq=False
+            for r in blocked:
+                todo.remove(r)
+                failed.append(r)
+                tqdm.write(f"skipped {r.out.name}: a run it needs failed")
+            if not running:
+                failed += todo  # unreachable: only when a dependency is missing
+                break
+            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for f in finished:
+                r, (rc, seconds) = running.pop(f), f.result()
+                bar.update()
+                tqdm.write(f"{'done' if rc == 0 else f'FAILED (exit {rc})'} {r.out.name} in {seconds:.0f}s, log {r.out.with_suffix('.log')}")
+                if rc != 0:
+                    failed.append(r)
+    bar.close()
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) did not finish: {', '.join(r.out.name for r in failed)}; read their .log "
+                         f"files, fix the cause and rerun the same command (finished runs are kept)")
+
+
+def command(run, args):
+    resume = ["--resume"] if run.out.with_suffix(".last.pt").is_file() else []
+    model = shlex.split(args.model_flags) if run.cmd[0] in ("pretrain.py", "baselines.py") else []  # the others read it from a checkpoint
+    return [sys.executable, *run.cmd, "--data", args.data, "--device", args.device, "--quiet", *resume,
+            *shlex.split(args.extra), *model]
+
+
+def call(run, args, env):
+    run.out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(run.out.with_suffix(".log"), "w") as log:
+        rc = subprocess.call(command(run, args), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parent)
+    return rc, time.time() - t0
+
+
+# --- Results: rows per run, mean ± std per label, paired t-test ---------------------------
+
+
+def rows(exp, panels):
+    """One CSV row per run: test HR@10 / nDCG@10 overall and per warm / median / cold group."""
+    out = []
+    for panel, labels in panels.items():
+        for label, runs in labels.items():
+            for r in runs:
+                m = r.metrics()
+                row = {"experiment": exp, "panel": panel, "label": label, "seed": m_seed(r), "run": str(r.out),
+                       "HR@10": m["test"]["HR@10"], "nDCG@10": m["test"]["nDCG@10"], "best_epoch": m["best_epoch"]}
+                for g in GROUPS:
+                    row[f"{g} HR@10"], row[f"{g} nDCG@10"] = (m["test"]["groups"][g][k] for k in ("HR@10", "nDCG@10"))
+                out.append(row)
+    return out
+
+
+def m_seed(run):
+    return int(run.cmd[run.cmd.index("--seed") + 1])
+
+
+def paired_t(a, b):
+    """Two-sided paired t-test over seeds (scipy), p-value; nan with fewer than 2 pairs."""
+    from scipy.stats import ttest_rel
+
+    return float(ttest_rel(a, b).pvalue) if len(a) > 1 else float("nan")
+
+
+def summary_table(table, metrics=("HR@10", "nDCG@10", "cold HR@10"), base=None, star=None):
+    """Markdown: one line per label, mean ± std over seeds; Impr. of each label over `base`
+    (nDCG@10); star = (label, p-value) marks the label with ★ when p < 0.05."""
+    head = "| method | seeds | " + " | ".join(metrics) + (" | Impr. nDCG@10 |" if base else " |")
+    lines = [head, "|" + "---|" * (len(metrics) + 2 + bool(base))]
+    for label, rs in table.items():
+        cells = []
+        for metric in metrics:
+            m, s = mean_std([r[metric] for r in rs])
+            mark = "★" if star and star[0] == label and star[1] < 0.05 else ""
+            cells.append(f"{m:.2f} ± {s:.2f}{mark}")
+        impr = ""
+        if base:
+            b, m = (mean_std([r["nDCG@10"] for r in table[x]])[0] for x in (base, label))
+            impr = f" {100 * (m / b - 1):+.1f}% |" if b > 0 else " n/a |"
+        lines.append(f"| {label} | {len(rs)} | " + " | ".join(cells) + " |" + impr)
+    return "\n".join(lines)
+
+
+def by_label(all_rows):
+    out = {}
+    for r in all_rows:
+        out.setdefault(r["panel"], {}).setdefault(r["label"], []).append(r)
+    return out
+
+
+def significance(table, ours="PAD", metric="nDCG@10"):
+    """Paired t-test of `ours` against the best other label (by mean `metric`), seeds matched."""
+    others = {lb: rs for lb, rs in table.items() if lb != ours}
+    best = max(others, key=lambda lb: mean_std([r[metric] for r in others[lb]])[0])
+    seeds = sorted({r["seed"] for r in table[ours]} & {r["seed"] for r in table[best]})
+    pick = {lb: {r["seed"]: r[metric] for r in table[lb]} for lb in (ours, best)}
+    return best, paired_t([pick[ours][s] for s in seeds], [pick[best][s] for s in seeds])
+
+
+# --- Figures -----------------------------------------------------------------------------
+
+
+def bar_figure(panels, path, title, metric="HR@10", groups=None):
+    """Bars of mean `metric` ± std per label (per panel); with groups, one bar per label in
+    each of warm / median / cold (Fig. 2)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (panel, table) in zip(axes[0], panels.items()):
+        labels = list(table)
+        if groups:
+            width = 0.8 / len(labels)
+            for i, lb in enumerate(labels):
+                stats = [mean_std([r[f"{g} {metric}"] for r in table[lb]]) for g in groups]
+                ax.bar([j + i * width for j in range(len(groups))], [m for m, _ in stats], width,
+                       yerr=[s for _, s in stats], capsize=3, label=lb)
+            ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(groups))], groups)
+            ax.legend()
+        else:
+            stats = [mean_std([r[metric] for r in table[lb]]) for lb in labels]
+            ax.bar(range(len(labels)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3, color="tab:blue")
+            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+            low = min(m - s for m, s in stats)
+            ax.set_ylim(max(0.0, low - 0.15 * (max(m + s for m, s in stats) - low + 1e-9)), None)
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_title(panel or title)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def kendall_rows(panels, data, max_pairs):
+    """fig6: Kendall's tau per target bucket between the phase-1 ID table and each run's."""
+    out = []
+    for panel, labels in panels.items():
+        for label, runs in labels.items():
+            for r in runs:
+                key = {"ID expert": ":experts.id.items.h_c.weight", "alignment expert": ":experts.align.items.id.h_c.weight"}.get(label, "")
+                p1 = next(d for d in r.deps if d.out.name.startswith("pretrain_"))
+                taus = embedding_kendall_tau(embedding_table(str(p1.out), data), embedding_table(f"{r.out}{key}", data),
+                                             data["seqs"], data["item_bucket"], data["n_buckets"], max_pairs)
+                out.append({"experiment": "fig6", "panel": panel, "label": label, "seed": m_seed(r), "run": str(r.out),
+                            **{f"bucket {b}": t for b, t in taus.items()}})
+    return out
+
+
+def line_figure(panels, path, title, n_buckets):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (panel, table) in zip(axes[0], panels.items()):
+        for label, rs in table.items():
+            ax.plot(range(1, n_buckets + 1), [mean_std([r[f"bucket {b}"] for r in rs])[0] for b in range(1, n_buckets + 1)],
+                    marker="o", label=label)
+        ax.set_xlabel("item bucket (1 = warm, %d = cold)" % n_buckets)
+        ax.set_ylabel("Kendall's tau")
+        ax.set_title(panel)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def spaces(run, data):
+    """fig3: a run's collaborative table and its textual table over all items. SASRec has no
+    text side, so its textual space is the frozen text table itself; SMEM and PAD use the
+    alignment expert's h^c and f_MLP; CTRL its final ID table and its stage-1 text tower."""
+    ckpt = read_checkpoint(run.out)
+    model = model_from_checkpoint(ckpt, data, run.out).eval()
+    items = torch.arange(data["n_items"] + 1)
+    if "experts" in ckpt["model_args"]:
+        return model.experts["align"].items.parts(items)
+    if ckpt["phase"] == "baseline ctrl":
+        stage1 = Path(ckpt["metrics"]["stage1"])
+        return model.items(items), model_from_checkpoint(read_checkpoint(stage1), data, stage1).eval().items.f_mlp(items)
+    return model.items(items), data["text_emb"].float()
+
+
+def pair_distances(table, data, n_pairs=200_000, seed=0):
+    """Euclidean distances of random pairs of distinct cold items (buckets 8-10) in each table."""
+    cold = torch.nonzero(torch.isin(data["item_bucket"], torch.tensor(list(bucket_groups(data["n_buckets"])["cold"])))).flatten()
+    cold = cold[cold != 0]
+    g = torch.Generator().manual_seed(seed)
+    i, j = (cold[torch.randint(len(cold), (n_pairs,), generator=g)] for _ in range(2))
+    keep = i != j
+    return [(t[i[keep]] - t[j[keep]]).norm(dim=-1) for t in table]
+
+
+def fig3(panels, data, path, title):
+    """Pairs with the top / bottom 10% collaborative distance, their distance distribution in
+    both spaces; the textual separation is P(top pair farther than bottom pair) (0.5: none)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.stats import mannwhitneyu
+
+    table = panels[""]
+    fig, axes = plt.subplots(len(table), 2, figsize=(9, 2.4 * len(table)), squeeze=False)
+    out = []
+    for row, (label, runs) in zip(axes, table.items()):
+        d_c, d_s = pair_distances(spaces(runs[0], data), data)
+        lo, hi = d_c.quantile(0.1), d_c.quantile(0.9)
+        top, bottom = d_c >= hi, d_c <= lo
+        for ax, d, space in zip(row, (d_c, d_s), ("collaborative", "textual")):
+            d = d / d.mean()
+            ax.hist(d[bottom].numpy(), bins=60, alpha=0.6, color="tab:green", label="bottom-10% ID pairs", density=True)
+            ax.hist(d[top].numpy(), bins=60, alpha=0.6, color="tab:red", label="top-10% ID pairs", density=True)
+            ax.set_title(f"{label}: {space} space")
+            ax.set_xlabel("distance / mean distance")
+        row[0].legend(fontsize=7)
+        sep = mannwhitneyu(d_s[top].numpy(), d_s[bottom].numpy()).statistic / (int(top.sum()) * int(bottom.sum()))
+        out.append({"experiment": "fig3", "panel": "", "label": label, "seed": m_seed(runs[0]), "run": str(runs[0].out),
+                    "textual separation": float(sep)})
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return out
+
+
+# --- Reports ----------------------------------------------------------------------------
+
+
+def report(exp, panels, data, args, results):
+    name = data["name"]
+    title = {"table2": "Table 2", "table3": "Table 3", "fig2": "Fig. 2: SASRec vs PAD by target frequency",
+             "fig3": "Fig. 3: top/bottom-10% collaborative pairs of cold items", "fig4": "Fig. 4: anchoring",
+             "fig5": "Fig. 5", "fig6": "Fig. 6: Kendall's tau to the phase-1 ID table"}[exp] + f" ({name}, seeds {args.seeds})"
+    if exp == "fig6":
+        all_rows = kendall_rows(panels, data, args.max_pairs)
+        tables = by_label(all_rows)
+        buckets = [f"bucket {b}" for b in range(1, data["n_buckets"] + 1)]
+        md = [f"## {title}"] + [f"### {p}\n" + summary_table(t, metrics=buckets) for p, t in tables.items()]
+        line_figure(tables, results / f"{exp}.png", title, data["n_buckets"])
+    elif exp == "fig3":
+        all_rows = fig3(panels, data, results / f"{exp}.png", title)
+        md = [f"## {title}", summary_table(by_label(all_rows)[""], metrics=("textual separation",))]
+    else:
+        all_rows = rows(exp, panels)
+        tables = by_label(all_rows)
+        md = [f"## {title}"]
+        for panel, t in tables.items():
+            if exp == "table2":
+                best, p = significance(t)
+                md += [summary_table(t, base="SASRec", star=("PAD", p)),
+                       f"\nPAD vs the best baseline ({best}), paired t-test over seeds on nDCG@10: p = {p:.3g}"]
+            elif exp == "table3":
+                md += [f"### {panel}\n" + summary_table(t, base="Origin")]
+            elif exp == "fig2":
+                md += [summary_table(t, metrics=[f"{g} HR@10" for g in GROUPS] + [f"{g} nDCG@10" for g in GROUPS], base="SASRec")]
+            else:
+                md += [f"### {panel}\n" + summary_table(t)]
+        if exp != "table2" and exp != "table3":
+            bar_figure(tables, results / f"{exp}.png", title, groups=GROUPS if exp == "fig2" else None)
+    atomic_write_text("\n\n".join(md) + "\n", results / f"{exp}.md")
+    atomic_write_text(json.dumps({"experiment": exp, "data": name, "seeds": args.seeds, "rows": all_rows}, indent=1),
+                      results / f"{exp}.json")
+    with open(results / f"{exp}.csv.tmp", "w", newline="") as f:
+        fields = list(dict.fromkeys(k for r in all_rows for k in r))
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(all_rows)
+    os.replace(results / f"{exp}.csv.tmp", results / f"{exp}.csv")
+    print("\n".join(md))
+    print(f"wrote {results}/{exp}.md, .csv, .json" + ("" if exp in ("table2", "table3") else ", .png"))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiments", nargs="+", choices=EXPERIMENTS, help="which of the paper's tables / figures")
+    p.add_argument("--data", default="ml-100k", help="prepared dataset (prepare_data.py)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="paper: 3 runs")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (CPU: one per core; each gets cores/jobs threads)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda, for every run")
+    p.add_argument("--extra", default="", help='flags for every training run, e.g. "--epochs 2 --batch-size 16"')
+    p.add_argument("--model-flags", default="", help='model flags for the runs that build one from scratch (pretrain.py, '
+                   'baselines.py), e.g. "--d 64 --n-blocks 2"; align.py and finetune.py take them from phase 1')
+    p.add_argument("--runs", default="runs", help="checkpoints go to RUNS/NAME/")
+    p.add_argument("--results", default="results", help="tables and figures go to RESULTS/NAME/")
+    p.add_argument("--max-pairs", type=int, default=5000, help="fig6: behaviour-target pairs per bucket")
+    p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do, run nothing")
+    args = p.parse_args()
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs {args.jobs}: must be at least 1")
+
+    data = load_dataset(args.data)
+    plan = Plan(Path(args.runs) / data["name"], data)
+    chosen = {exp: groups(exp, plan, args.seeds) for exp in args.experiments}
+    needed = {r.out: r for panels in chosen.values() for labels in panels.values() for rs in labels.values() for r in rs}
+    closure, stack = {}, list(needed.values())
+    while stack:  # add dependencies, then order them first
+        r = stack.pop()
+        if r.out not in closure:
+            closure[r.out] = r
+            stack += r.deps
+    execute(sorted(closure.values(), key=lambda r: len(r.deps)), args)
+    if args.dry_run:
+        return
+    results = Path(args.results) / data["name"]
+    results.mkdir(parents=True, exist_ok=True)
+    for exp, panels in chosen.items():
+        report(exp, panels, data, args, results)
+
+
+if __name__ == "__main__":
+    main()

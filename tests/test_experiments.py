@@ -1,0 +1,90 @@
+"""experiments.py end to end on the tiny dataset of test_phases.py: every experiment through
+the real scripts (one epoch, d = 16), the files it writes, the skip of finished runs, the
+paired t-test and the fig3 / fig6 statistics against independent computations."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+from scipy.stats import ttest_rel
+
+from experiments import EXPERIMENTS, paired_t, significance, summary_table
+from test_phases import ENV, ROOT, dataset, run, work  # noqa: F401  (module fixtures)
+
+FAST = ["--extra", "--epochs 1 --batch-size 16", "--model-flags", "--d 16 --n-blocks 1"]
+
+
+def experiments(work, dataset, *args):
+    return subprocess.run([sys.executable, "experiments.py", *args, "--data", str(dataset), "--runs", str(work / "runs"),
+                           "--results", str(work / "results"), "--jobs", "2", *FAST],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def all_experiments(work, dataset):
+    """table2 over two seeds, every other experiment over one, in one call."""
+    r = experiments(work, dataset, "table2", "--seeds", "0", "1")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = experiments(work, dataset, *[e for e in EXPERIMENTS if e != "table2"], "--seeds", "0")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return work / "results" / "tiny"
+
+
+def test_every_experiment_writes_its_files(all_experiments):
+    for exp in EXPERIMENTS:
+        for ext in ("md", "csv", "json"):
+            assert (all_experiments / f"{exp}.{ext}").stat().st_size > 0, (exp, ext)
+        if exp not in ("table2", "table3"):
+            assert (all_experiments / f"{exp}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_table2_rows_and_significance(all_experiments):
+    rows = list(csv.DictReader(open(all_experiments / "table2.csv")))
+    labels = ["SASRec", "Hybrid", "MoRec", "CTRL", "MAKE", "DisCo", "SMEM", "PAD"]
+    assert sorted({r["label"] for r in rows}) == sorted(labels)
+    assert all(sum(r["label"] == lb for r in rows) == 2 for lb in labels)  # two seeds each
+    for r in rows:
+        assert 0 <= float(r["nDCG@10"]) <= float(r["HR@10"]) <= 100
+        metrics = json.loads((ROOT / r["run"]).with_suffix(".json").read_text() if not r["run"].startswith("/")
+                             else open(r["run"].replace(".pt", ".json")).read())
+        assert float(r["HR@10"]) == pytest.approx(metrics["test"]["HR@10"])  # the CSV is the runs' own metrics
+    md = (all_experiments / "table2.md").read_text()
+    assert "| PAD | 2 |" in md and "paired t-test" in md
+
+
+def test_finished_runs_are_not_recomputed(work, dataset, all_experiments):
+    before = {p: p.stat().st_mtime_ns for p in (work / "runs" / "tiny").glob("*.pt")}
+    r = experiments(work, dataset, "fig4", "--seeds", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "runs:" not in r.stderr  # no progress bar: nothing to run
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    dry = experiments(work, dataset, "fig4", "--seeds", "0", "7", "--dry-run")
+    assert dry.returncode == 0 and "--seed 7" in dry.stdout and "--seed 0 " not in dry.stdout
+
+
+def test_fig6_and_fig3_statistics_are_in_range(all_experiments):
+    fig6 = json.loads((all_experiments / "fig6.json").read_text())["rows"]
+    assert {r["label"] for r in fig6} == {"Non-Anchored", "Rec-Anchored & Frozen", "Rec-Anchored", "ID expert", "alignment expert"}
+    for r in fig6:
+        taus = [v for k, v in r.items() if k.startswith("bucket ")]
+        assert len(taus) == 10 and all(-1 <= t <= 1 for t in taus if t == t)
+    fig3 = json.loads((all_experiments / "fig3.json").read_text())["rows"]
+    assert [r["label"] for r in fig3] == ["SASRec", "SMEM", "CTRL", "PAD"]
+    assert all(0 <= r["textual separation"] <= 1 for r in fig3)
+
+
+def test_paired_t_matches_scipy_and_picks_the_best_baseline():
+    a, b = [12.1, 11.8, 12.9], [11.0, 11.5, 12.0]
+    assert paired_t(a, b) == pytest.approx(ttest_rel(a, b).pvalue)
+    table = {lb: [{"seed": s, "nDCG@10": v, "HR@10": v, "cold HR@10": 0.0} for s, v in enumerate(vals)]
+             for lb, vals in {"SASRec": [5, 5.2, 5.1], "SMEM": [6, 6.3, 6.1], "PAD": [6.5, 6.9, 6.6]}.items()}
+    best, p = significance(table)
+    assert best == "SMEM" and p == pytest.approx(ttest_rel([6.5, 6.9, 6.6], [6, 6.3, 6.1]).pvalue)
+    md = summary_table(table, base="SASRec", star=("PAD", p))
+    assert "6.67 ± 0.21★" in md and f"{100 * (6.6667 / 5.1 - 1):+.1f}%" in md
+
+
+def test_bad_flags_are_refused(work, dataset):
+    r = experiments(work, dataset, "fig9")
+    assert r.returncode != 0 and "invalid choice: 'fig9'" in r.stderr
