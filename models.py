@@ -380,8 +380,8 @@ def disco_losses(model, seq, pos, tau=1.0):
     for s, e in zip(states, chunks):
         logits = (s @ e.T / tau).masked_fill(same & ~eye, float("-inf"))  # (n, n), positives on the diagonal
         sufficiency = sufficiency + F.cross_entropy(logits, torch.arange(len(items), device=items.device))
-    z = [(c - c.mean(0)) / (c.std(0) + 1e-6) for c in chunks]  # standardised over the batch
-    cross = z[0].T @ z[1] / (len(items) - 1)  # (d/2, d/2) correlation matrix
+    z = [F.normalize(c - c.mean(0), dim=0) for c in chunks]  # centred, unit-norm columns over the batch
+    cross = z[0].T @ z[1]  # (d/2, d/2) Pearson correlations
     return sufficiency, cross.pow(2).mean()
 
 
