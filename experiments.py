@@ -20,7 +20,9 @@ run), EXP.json (the rows and the summary), EXP.md (the table) and EXP.png (the f
   fig4    No Alignment (SMEM), Non-Anchored, Rec-Anchored & Frozen, Rec-Anchored (PAD)
   fig5    (a) alignment loss: linear, cosine, InfoNCE, Laplacian, Gaussian; (b) experts and gate
   fig6    Kendall's tau (Eq. 13) per bucket between phase-1 and later collaborative tables:
-          (a) after each anchoring variant, (c) PAD's two ID tables after phase 3
+          (a) after each anchoring variant (phase 2); (b) one table fine-tuned on BCE after
+          phase 1 (SE-BCE-Tune: finetune.py --experts id) or after alignment (SE-BCE-Align-
+          Tune: --experts align); (c) that single aligned table vs PAD's two ID tables
 --extra passes flags to every training run (e.g. --extra "--epochs 2" for a smoke test),
 --model-flags to the runs that build a model from scratch; --dry-run lists the commands
 still to run.
@@ -135,11 +137,15 @@ def groups(exp, plan, seeds):
                                        "Gaussian": table2["PAD"]},
                 "(b) ablation": {"PAD": table2["PAD"], **{lb: per_seed(lambda s, e=e, g=g: plan.finetune(s, experts=e, gate=g))
                                                           for lb, (e, g) in ablation.items()}}}
-    if exp == "fig6":
+    if exp == "fig6":  # the labels name the table compared (KENDALL_TABLE)
+        single = {"w/o align (SE-BCE-Tune)": per_seed(lambda s: plan.finetune(s, experts="id")),
+                  "with align (SE-BCE-Align-Tune)": per_seed(lambda s: plan.finetune(s, experts="align"))}
         return {"(a) anchoring": {"Non-Anchored": per_seed(lambda s: plan.align(s, anchor="none")),
                                   "Rec-Anchored & Frozen": per_seed(lambda s: plan.align(s, anchor="frozen")),
                                   "Rec-Anchored": per_seed(plan.align)},
-                "(c) triple experts": {"ID expert": table2["PAD"], "alignment expert": table2["PAD"]}}
+                "(b) single expert": single,
+                "(c) single vs triple experts": {"Single-aligned": single["with align (SE-BCE-Align-Tune)"],
+                                                 "Multi-origin": table2["PAD"], "Multi-aligned": table2["PAD"]}}
     raise ValueError(exp)
 
 
@@ -297,13 +303,19 @@ def bar_figure(panels, path, title, metric="HR@10", groups=None):
     plt.close(fig)
 
 
+# fig6: which collaborative table of a run is compared with phase 1's (default: the run's
+# alignment-expert table if it has one, else its ID table; evaluate.ID_TABLES)
+KENDALL_TABLE = {"w/o align (SE-BCE-Tune)": ":experts.id.items.h_c.weight", "Multi-origin": ":experts.id.items.h_c.weight",
+                 "Multi-aligned": ":experts.align.items.id.h_c.weight"}
+
+
 def kendall_rows(panels, data, max_pairs):
     """fig6: Kendall's tau per target bucket between the phase-1 ID table and each run's."""
     out = []
     for panel, labels in panels.items():
         for label, runs in labels.items():
             for r in runs:
-                key = {"ID expert": ":experts.id.items.h_c.weight", "alignment expert": ":experts.align.items.id.h_c.weight"}.get(label, "")
+                key = KENDALL_TABLE.get(label, "")
                 p1 = next(d for d in r.deps if d.out.name.startswith("pretrain_"))
                 taus = embedding_kendall_tau(embedding_table(str(p1.out), data), embedding_table(f"{r.out}{key}", data),
                                              data["seqs"], data["item_bucket"], data["n_buckets"], max_pairs)
