@@ -16,9 +16,29 @@ from evaluate import protocol
 from mmd import KERNELS, alignment_loss
 from models import BACKBONES, make_expert, model_from_checkpoint, read_checkpoint
 from prepare_data import load_dataset
-from pretrain import add_training_args, finish, fit, resolve_device
+from pretrain import add_training_args, finish, fit, is_main_process, resolve_device
 
 ANCHORS = ("rec", "none", "frozen")
+
+
+def mmd_term(args):
+    """The extra loss of phase 2 for fit(): (model, seq, pos) -> (γ · MMD, {kernel: MMD})."""
+
+    # --- Eq. (4)-(5): L = L_REC + γ · D_k²({h^s}_a, {h^c}_a) over the batch's real items ---
+    def term(model, seq, pos):
+        items = seq[seq != 0]  # (n,) behaviour items of the batch, padding excluded
+        # DEVIATION: the authors' release also feeds padding rows into the MMD; we do not.
+        if len(items) > args.mmd_sample:
+            # DEVIATION: a random subset of --mmd-sample rows keeps the 2n x 2n kernel matrix small
+            items = items[torch.randperm(len(items), device=items.device)[:args.mmd_sample]]
+        h_c, h_s = model.items.parts(items)  # (n, d) each
+        if args.anchor == "frozen":
+            h_c = h_c.detach()  # SG(D_rec): the collaborative side is not moved by the MMD
+        with torch.autocast(items.device.type, enabled=False):  # kernels in float32, also under bf16 autocast
+            mmd = alignment_loss(args.kernel, h_s.float(), h_c.float())
+        return args.gamma * mmd, {args.kernel: mmd}
+
+    return term
 
 
 def main():
@@ -51,24 +71,11 @@ def main():
     model.encoder.load_state_dict(phase1.encoder.state_dict())
     model.to(device)
 
-    # --- Eq. (4)-(5): L = L_REC + γ · D_k²({h^s}_a, {h^c}_a) over the batch's real items ---
-    def mmd_term(model, seq, pos):
-        items = seq[seq != 0]  # (n,) behaviour items of the batch, padding excluded
-        # DEVIATION: the authors' release also feeds padding rows into the MMD; we do not.
-        if len(items) > args.mmd_sample:
-            # DEVIATION: a random subset of --mmd-sample rows keeps the 2n x 2n kernel matrix small
-            items = items[torch.randperm(len(items), device=items.device)[:args.mmd_sample]]
-        h_c, h_s = model.items.parts(items)  # (n, d) each
-        if args.anchor == "frozen":
-            h_c = h_c.detach()  # SG(D_rec): the collaborative side is not moved by the MMD
-        with torch.autocast(items.device.type, enabled=False):  # kernels in float32, also under bf16 autocast
-            mmd = alignment_loss(args.kernel, h_s.float(), h_c.float())
-        return args.gamma * mmd, {args.kernel: mmd}
-
     print(protocol(data, "valid", 10))
     print(f"phase 2: kernel {args.kernel}, anchor {args.anchor}, gamma {args.gamma:g}, from {init}")
-    model, log = fit(model, data, args, out, extra_loss=mmd_term, use_rec_loss=args.anchor != "none")
-    finish(model, model_args, data, args, 2, log, out, extra={"init": init})
+    model, log = fit(model, data, args, out, extra_loss=mmd_term(args), use_rec_loss=args.anchor != "none")
+    if is_main_process():  # under torchrun, rank 0 tests and writes
+        finish(model, model_args, data, args, 2, log, out, extra={"init": init})
 
 
 if __name__ == "__main__":

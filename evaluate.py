@@ -53,6 +53,57 @@ def bucket_groups(n_buckets):
     return {"warm": range(1, w + 1), "median": range(w + 1, c + 1), "cold": range(c + 1, n_buckets + 1)}
 
 
+# --- Full-ranking scores from precomputed item tables ------------------------------------
+
+
+@torch.no_grad()
+def item_tables(model, dtype=None, chunk=65536):
+    """Each expert's item representations, K x (N+1, d), computed once for many users:
+    they do not depend on the user, and those of the alignment and LLM experts pass the
+    whole frozen text table through f_MLP (Eq. 7, 10). Items go through in chunks, so an
+    fp16 4096-d table is never copied whole to float32. dtype: storage of the tables
+    (default float32; float16 halves the memory read per served request). None for a model
+    without item tables (it is scored by its own full_scores)."""
+    from models import PAD, Expert
+
+    if model.training:
+        raise ValueError("item_tables: call model.eval() first, or dropout enters the tables")
+    experts = list(model.experts.values()) if isinstance(model, PAD) else [model] if isinstance(model, Expert) else None
+    if experts is None:
+        return None
+    tables = []
+    for e in experts:
+        ids = torch.arange(e.n_items + 1, device=e.device)
+        table = torch.cat([e.items(ids[i:i + chunk]) for i in range(0, len(ids), chunk)])  # (N+1, d)
+        tables.append(table.to(dtype or table.dtype))
+    return tables
+
+
+@torch.no_grad()
+def scores_from_tables(model, tables, seq, gate_per_bucket=False):
+    """model.full_scores(seq), (B, N+1), with the item tables of item_tables(model): in
+    float32 the same operations on the same shapes, so the same numbers bit for bit
+    (tests/test_evaluate.py), which keeps training's early stopping unchanged.
+    gate_per_bucket (serving): PAD's gate g_k(b, h_k) of Eq. (11) is evaluated once per
+    bucket b, (B, B_buckets+1, K), and looked up per item, so memory is O(B x N) instead
+    of O(B x N x K); vectorised exp and division then round differently in the last bit."""
+    from models import PAD
+
+    if tables is None:
+        return model.full_scores(seq)
+    if not isinstance(model, PAD):
+        h = model(seq)[:, -1]  # (B, d) state after the last item
+        return (h.to(tables[0].dtype) @ tables[0].T).float()  # (B, N+1)
+    h = [h_k[:, -1] for h_k in model.states(seq)]  # K x (B, d)
+    o = [(h_k.to(table.dtype) @ table.T).float() for h_k, table in zip(h, tables)]  # K x (B, N+1): o_k
+    if not gate_per_bucket:
+        g = model.gate(model.bucket.expand(len(seq), -1), [h_k[:, None] for h_k in h])  # (B, N+1, K)
+        return (g * torch.stack(o, -1)).sum(-1)  # (B, N+1)
+    buckets = torch.arange(model.n_buckets + 1, device=seq.device).expand(len(seq), -1)  # (B, B_buckets+1)
+    g = model.gate(buckets, [h_k[:, None] for h_k in h])  # (B, B_buckets+1, K)
+    return sum(g[:, model.bucket, k] * o_k for k, o_k in enumerate(o))  # sum_k g_k(b(i), h_k) o_k: (B, N+1)
+
+
 # --- HR@k and nDCG@k over the full item set ----------------------------------------------
 
 
@@ -94,16 +145,18 @@ def summarise(hit, ndcg, bucket, n_buckets, k):
 @torch.no_grad()
 def evaluate(model, data, split="test", k=10, batch_size=512):
     """Rank every item for every user of `split` in user chunks of batch_size, so memory
-    is O(batch_size x N), never users x items. Returns summarise()'s dict."""
+    is O(batch_size x N), never users x items; the item tables are computed once
+    (item_tables). Returns summarise()'s dict."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     inputs, targets = split_sequences(data["seqs"], split)
     history = history_before_target(data["seqs"], split)
+    tables = item_tables(model)  # once per evaluation, not once per chunk of users
     ranks = []
     for i in range(0, len(inputs), batch_size):
         seq = inputs[i:i + batch_size].to(device, non_blocking=True)
-        scores = model.full_scores(seq)  # (b, N+1), float32 even on cuda: bf16 would create ties
+        scores = scores_from_tables(model, tables, seq)  # (b, N+1), float32 even on cuda: bf16 would create ties
         ranks.append(target_ranks(scores, targets[i:i + batch_size].to(device), history[i:i + batch_size].to(device)).cpu())
     model.train(was_training)
     hit, ndcg = hr_ndcg(torch.cat(ranks), k)
@@ -153,21 +206,32 @@ def comparison_table(runs, k=10):
 
 
 @torch.no_grad()
-def recommend(model, data, history, k=10):
+def top_items(model, tables, seq, exclude, k):
+    """Top-k items for input windows seq (B, L) with the items of `exclude` (B, H), padding
+    0 allowed, removed: (scores, item ids), each (B, k). tables: item_tables(model), cached
+    between requests; only the sequence encoders, the gate and a top-k run per request."""
+    scores = scores_from_tables(model, tables, seq, gate_per_bucket=True)  # (B, N+1)
+    scores[:, 0] = -math.inf
+    scores.scatter_(1, exclude, -math.inf)
+    return scores.topk(k)
+
+
+@torch.no_grad()
+def recommend(model, data, history, k=10, tables=None):
     """Top-k items after a behaviour sequence `history` (item ids 1..N, oldest first) from a
     trained model of any phase; the history's items are excluded. The frozen text table is
-    only read: no LLM runs. Returns [(item id, raw id, title, score)]."""
+    only read: no LLM runs. Pass tables=item_tables(model) to reuse them across calls.
+    Returns [(item id, raw id, title, score)]."""
     model.eval()
     device = next(model.parameters()).device
+    tables = item_tables(model) if tables is None else tables
     L = data["seqs"].shape[1] - 3
     seq = torch.zeros(1, L, dtype=torch.long)
     recent = torch.tensor(history[-L:], dtype=torch.long)
     seq[0, L - len(recent):] = recent  # left-padded, like the training data
-    scores = model.full_scores(seq.to(device))[0].float().cpu()  # (N+1,)
-    scores[0] = -math.inf
-    scores[torch.tensor(history, dtype=torch.long)] = -math.inf
-    top = scores.topk(min(k, data["n_items"] - len(set(history))))
-    return [(i, data["raw_ids"][i], data["titles"][i], s) for s, i in zip(top.values.tolist(), top.indices.tolist())]
+    exclude = torch.tensor([history], dtype=torch.long, device=device)  # (1, H)
+    scores, items = top_items(model, tables, seq.to(device), exclude, min(k, data["n_items"] - len(set(history))))
+    return [(i, data["raw_ids"][i], data["titles"][i], s) for s, i in zip(scores[0].tolist(), items[0].tolist())]
 
 
 # --- Eq. (13): Kendall's tau between embedding-distance distributions (Sec. 4.3, Fig. 6) ---
@@ -247,6 +311,9 @@ def main():
     p.add_argument("--recommend", metavar="RAW_IDS",
                    help="with --ckpt: print the top --k items after this comma-separated history of raw item ids "
                         "(oldest first, as in the raw files), history excluded")
+    p.add_argument("--serve-fp16", action="store_true",
+                   help="--recommend: keep the cached item tables in float16 (half the memory read per request; "
+                        "scores rounded to about 3 significant digits)")
     p.add_argument("--kendall", nargs=2, metavar="TABLE",
                    help="instead of --ckpt: Kendall's tau (Eq. 13) per target bucket between two embedding tables, each "
                         "'text' (the frozen text table) or CKPT.pt[:STATE_KEY] (default: its collaborative ID table)")
@@ -300,7 +367,9 @@ def main():
             raise SystemExit(f"--recommend: raw item ids {', '.join(unknown)} are not in {data['name']} "
                              f"(ids are those of the raw files, e.g. {', '.join(data['raw_ids'][1:4])})")
         history = [index[r] for r in args.recommend.split(",")]
-        for rank, (i, raw, title, score) in enumerate(recommend(model, data, history, args.k), start=1):
+        model.eval()
+        tables = item_tables(model, torch.float16 if args.serve_fp16 else None)
+        for rank, (i, raw, title, score) in enumerate(recommend(model, data, history, args.k, tables), start=1):
             print(f"{rank:3d}  {raw:>12}  {score:8.3f}  {title}")
         return
     print(protocol(data, args.split, args.k))

@@ -14,7 +14,7 @@ import torch
 from evaluate import protocol, split_sequences
 from models import BACKBONES, EXPERTS, GATES, build_model, check_checkpoint, model_from_checkpoint, read_checkpoint
 from prepare_data import load_dataset
-from pretrain import add_training_args, finish, fit, resolve_device
+from pretrain import add_training_args, finish, fit, is_main_process, resolve_device
 
 
 def parse_experts(text):
@@ -63,6 +63,8 @@ def main():
     print(protocol(data, "valid", 10))
     print(f"phase 3: experts {','.join(args.experts)}, gate {args.gate}, from {', '.join(paths[k] for k in ckpts)}")
     model, log = fit(model, data, args, out)
+    if not is_main_process():  # under torchrun, rank 0 tests and writes
+        return
     model.eval()
     with torch.no_grad():
         test_in, _ = split_sequences(data["seqs"], "test")

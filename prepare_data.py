@@ -42,6 +42,8 @@ Protocol (Appendix A), applied in this order:
 
 Text embeddings (`--encoder`, Sec. 3.1): `llm2vec` is the paper's Llama-3-8B LLM2Vec with
 mean pooling; `minilm` (default, offline) and `bert` (RQ6, Sec. 4.8) are smaller encoders.
+With `--device cuda` and several visible GPUs, LLM2Vec encodes one contiguous shard of the
+titles per GPU, each in its own process, and the shards are concatenated in order.
 
 Example:
     python prepare_data.py --data ml-100k
@@ -50,17 +52,20 @@ Example:
 import argparse
 import contextlib
 import csv
+import functools
 import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import multiprocessing
 import os
 import re
 import tempfile
 import time
 import zlib
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -196,7 +201,8 @@ def load_dataset(path_or_name):
              for k in ("text_emb", "item_freq", "item_bucket") if len(data[k]) != n + 1]
     if data["seqs"].min() < 0 or data["seqs"].max() > n:
         wrong.append(f"seqs holds item ids outside 0..{n}")
-    if not torch.isfinite(data["text_emb"]).all():
+    rows = range(0, len(data["text_emb"]), 65536)  # in chunks: no (N+1, d_text) mask for a 4096-d table
+    if not all(torch.isfinite(data["text_emb"][i:i + 65536]).all() for i in rows):
         wrong.append("text_emb holds NaN or infinite values")
     if wrong:
         raise SystemExit(f"dataset file {path} is inconsistent: {'; '.join(wrong)}; {fix}")
@@ -589,6 +595,37 @@ def encode_llm2vec(texts, model_id, adapter_id, device, batch_size):
     return emb.float().cpu(), info
 
 
+def shard_texts(texts, n):
+    """Split texts into n contiguous slices, in order, whose sizes differ by at most one."""
+    size, extra = divmod(len(texts), n)
+    ends = [0]
+    for i in range(n):
+        ends.append(ends[-1] + size + (i < extra))
+    return [texts[a:b] for a, b in zip(ends, ends[1:])]
+
+
+def encode_llm2vec_on(texts, device, model_id, adapter_id, batch_size):
+    """encode_llm2vec in a process of its own that sees only `device` (e.g. cuda:1), so
+    llm2vec encodes on that one GPU. Returns (numpy (n, d), info)."""
+    if device.startswith("cuda:"):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        index = int(device.split(":")[1])
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[index] if visible else str(index)
+        device = "cuda"
+    emb, info = encode_llm2vec(texts, model_id, adapter_id, device, batch_size)
+    return emb.numpy(), info
+
+
+def encode_sharded(encode, texts, devices):
+    """Encode texts split across devices, one process per device (each loads its own copy of
+    the model), and concatenate the shards in order: encode(shard, device) -> (numpy, info).
+    Processes are spawned, never forked, so CUDA starts fresh in each."""
+    devices = devices[:len(texts)]  # no empty shard
+    with ProcessPoolExecutor(len(devices), mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(encode, shard_texts(texts, len(devices)), devices))
+    return torch.cat([torch.from_numpy(emb) for emb, _ in results]), results[0][1]
+
+
 def encode_bert(texts, model_id, device, batch_size):
     """Sec. 4.8 (RQ6): a BERT-style encoder, masked mean over the last hidden states: (N, d)."""
     import transformers
@@ -619,6 +656,13 @@ def encode_texts(texts, args):
     start = time.perf_counter()
     if args.encoder == "minilm":
         emb, info = encode_minilm(texts, args.device, args.batch_size)
+    elif args.encoder == "llm2vec" and args.device == "cuda" and torch.cuda.device_count() > 1:
+        # several GPUs: llm2vec's own multi-GPU path pickles the whole model for every batch; shard instead
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        encode = functools.partial(encode_llm2vec_on, model_id=args.llm2vec_model, adapter_id=args.llm2vec_adapter,
+                                   batch_size=args.batch_size)
+        emb, info = encode_sharded(encode, texts, devices)
+        info = {**info, "devices": len(devices)}
     elif args.encoder == "llm2vec":
         emb, info = encode_llm2vec(texts, args.llm2vec_model, args.llm2vec_adapter, args.device, args.batch_size)
     else:

@@ -8,14 +8,24 @@ Reads data/NAME/dataset.pt (prepare_data.py); writes runs/NAME/pretrain_BACKBONE
 and a metrics .json beside it. The training loop `fit` is shared by align.py and
 finetune.py, which add their own loss terms and model. While a phase runs, OUT.last.pt
 holds its state after the latest epoch, for --resume; it is removed when the phase finishes.
+
+Every phase also runs on several GPUs (or CPU processes) with PyTorch DDP, unchanged:
+
+    torchrun --nproc_per_node 4 pretrain.py --data mind --device cuda
+
+Each process trains on its share of the users with --batch-size users per step (the
+global batch is --batch-size x processes); rank 0 alone validates, prints and writes.
 """
 import argparse
 import copy
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -28,7 +38,7 @@ def add_training_args(p):
     """Flags every phase shares (Appendix A values in the help)."""
     p.add_argument("--data", default="ml-100k", help="prepared dataset: a name under data/ or a folder (prepare_data.py)")
     p.add_argument("--seed", type=int, default=0, help="random seed (paper: results averaged over 3 runs)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (one GPU, bf16 autocast)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast; under torchrun one GPU per process)")
     p.add_argument("--epochs", type=int, default=200, help="maximum number of epochs (early stopping ends sooner)")
     # DEVIATION: default batch 128 users so that the offline default converges in minutes on a
     # CPU; the paper's Appendix A uses 16 (pass --batch-size 16).
@@ -46,11 +56,42 @@ def add_training_args(p):
 
 
 def resolve_device(name):
+    """--device -> torch.device; under torchrun, --device cuda means this process's GPU."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     if name != "cpu" and not name.startswith("cuda"):
         raise SystemExit(f"--device {name}: expected cpu or cuda")
+    if name == "cuda" and world_size() > 1:
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(name)
     return torch.device(name)
+
+
+# --- Plumbing: several processes under torchrun (DistributedDataParallel) ----------------
+
+
+def world_size():
+    """Processes started by torchrun (its WORLD_SIZE), 1 for a plain `python pretrain.py`."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process():
+    """Rank 0 of torchrun, or the only process: the one that validates, prints and writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def shard(order, rank, world):
+    """This process's users of an epoch: every world-th of `order`, which every rank draws
+    alike from the shared seed; the order wraps around so each rank gets as many users and
+    takes as many steps (as torch's DistributedSampler)."""
+    return torch.cat([order, order[:-len(order) % world]])[rank::world]
+
+
+def broadcast(obj):
+    """Rank 0's value of a picklable object on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def sample_negatives(history, n_items, shape, generator):
@@ -75,6 +116,26 @@ def bce_loss(pos_logits, neg_logits, mask):
     pos, neg = pos_logits[mask].float(), neg_logits[mask].float()
     return (F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos))
             + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg)))
+
+
+class PhaseLoss(nn.Module):
+    """One batch's training loss: L_REC (Eq. 1 / 6) unless use_rec_loss is False, plus the
+    phase's extra_loss(model, seq, pos) -> (term, {name: value to log}). A module because
+    DistributedDataParallel all-reduces the gradients of what its forward computed.
+    Returns (loss, {name: value to log})."""
+
+    def __init__(self, model, extra_loss, use_rec_loss):
+        super().__init__()
+        self.model, self.extra_loss, self.use_rec_loss = model, extra_loss, use_rec_loss
+
+    def forward(self, seq, pos, neg, mask):
+        with torch.set_grad_enabled(self.use_rec_loss):  # BCE is logged even when not trained on
+            bce = bce_loss(*self.model.bce_logits(seq, pos, neg), mask)
+        loss, logs = (bce if self.use_rec_loss else 0.0), {"bce": bce.detach()}
+        if self.extra_loss is not None:
+            term, extra_logs = self.extra_loss(self.model, seq, pos)
+            loss, logs = loss + term, {**logs, **extra_logs}
+        return loss, logs
 
 
 # --- Plumbing: the per-epoch state behind --resume ----------------------------------------
@@ -111,13 +172,28 @@ def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
     extra term extra_loss(model, seq, pos) -> (term, {name: value to log}); AdamW,
     validation nDCG@10 after each epoch, early stopping with patience. After each epoch
     the state (weights, AdamW, RNGs, best so far, log) goes to OUT.last.pt for --resume.
-    Returns the model with its best-validation weights restored and the epoch log."""
+    Returns the model with its best-validation weights restored and the epoch log.
+
+    Under torchrun (world_size() > 1) every process draws the same negatives and user order
+    and trains on its shard of the users; DDP all-reduces the gradients, so the weights stay
+    equal on every rank. Rank 0 validates and shares the early-stopping decision."""
     device = next(model.parameters()).device
+    rank, world = int(os.environ.get("RANK", "0")), world_size()
+    main = rank == 0
     train_in, train_pos = split_sequences(data["seqs"], "train")  # (U, L) each
     train_items = data["seqs"][:, :-2]  # (U, L+1) every training item, excluded from negatives
     real = (train_in != 0) & (train_pos != 0)
     keep = real.any(1)  # users with at least one training position
     train_in, train_pos, train_items, real = train_in[keep], train_pos[keep], train_items[keep], real[keep]
+    # on CUDA the (U, L) tables go to the GPU once, from pinned memory; batches are indexed there
+    on_device = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" else (lambda t: t)
+    batch_in, batch_pos, batch_real = on_device(train_in), on_device(train_pos), on_device(real)
+    step_loss = PhaseLoss(model, extra_loss, use_rec_loss)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # the frozen text table and the buckets are equal on every rank: never broadcast them per step
+        step_loss = nn.parallel.DistributedDataParallel(step_loss, device_ids=[device] if device.type == "cuda" else None,
+                                                        broadcast_buffers=False, find_unused_parameters=True)
     opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed)  # negatives and batch order
     epoch, best, best_state, log, since_best = 0, -1.0, None, [], 0
@@ -131,29 +207,28 @@ def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
         if device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         epoch, best, best_state, log, since_best = (state[k] for k in ("epoch", "best", "best_state", "log", "since_best"))
-        print(f"resumed from {last} after epoch {epoch}", flush=True)
-    elif last.exists():
+        if main:
+            print(f"resumed from {last} after epoch {epoch}", flush=True)
+    elif last.exists() and main:
         print(f"starting over: {last} of an earlier run will be overwritten (--resume continues it)", flush=True)
     k = 10
     while epoch < args.epochs and since_best < args.patience:
         epoch += 1
         t0 = time.time()
         model.train()
-        neg = sample_negatives(train_items, data["n_items"], train_pos.shape, gen) * real  # (U, L), redrawn each epoch
-        order = torch.randperm(len(train_in), generator=gen)
+        neg = on_device(sample_negatives(train_items, data["n_items"], train_pos.shape, gen) * real)  # (U, L), each epoch
+        order = shard(torch.randperm(len(train_in), generator=gen), rank, world)
         sums = {}
         batches = range(0, len(order), args.batch_size)
-        for step, i in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=args.quiet)):
-            idx = order[i:i + args.batch_size]
-            seq, pos, n, m = (t[idx].to(device, non_blocking=True) for t in (train_in, train_pos, neg, real))
+        for step, i in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=args.quiet or not main)):
+            idx = order[i:i + args.batch_size].to(device)
+            seq, pos, n, m = (t[idx] for t in (batch_in, batch_pos, neg, batch_real))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                with torch.set_grad_enabled(use_rec_loss):  # BCE is logged even when not trained on
-                    bce = bce_loss(*model.bce_logits(seq, pos, n), m)
-                loss, logs = (bce if use_rec_loss else 0.0), {"bce": bce.detach()}
-                if extra_loss is not None:
-                    term, extra_logs = extra_loss(model, seq, pos)
-                    loss, logs = loss + term, {**logs, **extra_logs}
-            if not torch.isfinite(loss):
+                loss, logs = step_loss(seq, pos, n, m)
+            finite = torch.isfinite(loss.detach()).float()
+            if world > 1:  # every rank stops together, or the others would wait for it forever
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not finite:
                 kept = f"the state after epoch {epoch - 1} is kept in {last}" if epoch > 1 else "no epoch finished"
                 raise SystemExit(f"non-finite loss {loss.item()} at epoch {epoch}, batch {step + 1} of {len(batches)}; "
                                  f"lower --lr or check the input data ({kept})")
@@ -162,7 +237,9 @@ def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
             opt.step()
             for name, v in logs.items():
                 sums[name] = sums.get(name, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-        valid = evaluate(model, data, "valid", k, args.eval_batch_size)
+        valid = evaluate(model, data, "valid", k, args.eval_batch_size) if main else None
+        if world > 1:
+            valid = broadcast(valid)  # the same early-stopping decision on every rank
         row = {"epoch": epoch, **{n: v / len(batches) for n, v in sums.items()},
                f"valid_HR@{k}": valid[f"HR@{k}"], f"valid_nDCG@{k}": valid[f"nDCG@{k}"], "seconds": time.time() - t0}
         log.append(row)
@@ -171,7 +248,9 @@ def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
             best, best_state, since_best = valid[f"nDCG@{k}"], copy.deepcopy(model.state_dict()), 0
         else:
             since_best += 1
-        losses = " ".join(f"{n} {row[n]:.4f}" for n in sums)
+        if not main:
+            continue
+        losses = " ".join(f"{n} {row[n]:.4f}" for n in sums)  # under torchrun: rank 0's batches
         print(f"epoch {epoch:3d}  {losses}  valid HR@{k} {row[f'valid_HR@{k}']:.2f} nDCG@{k} "
               f"{row[f'valid_nDCG@{k}']:.2f}  {row['seconds']:.1f}s{'  *' if better else ''}", flush=True)
         rng = {"negatives": gen.get_state(), "torch": torch.get_rng_state(),
@@ -179,10 +258,15 @@ def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
         atomic_save({"epoch": epoch, "state": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng,
                      "best": best, "best_state": best_state, "since_best": since_best, "log": log,
                      "args": vars(args), "fingerprint": data["fingerprint"]}, last)
-    if since_best >= args.patience:
+    if since_best >= args.patience and main:
         print(f"early stop: no better valid nDCG@{k} for {args.patience} epochs", flush=True)
     # DEVIATION: the authors' release tests the last epoch's weights; we restore the best-validation ones.
     model.load_state_dict(best_state)
+    if world > 1:
+        checksum = sum(w.double().sum().item() for w in model.state_dict().values() if w.is_floating_point())
+        print(f"rank {rank} of {world}: trained weights checksum {checksum:.10e}", flush=True)
+        dist.barrier()  # rank 0 finished its last save before the others leave
+        dist.destroy_process_group()
     return model, log
 
 
@@ -215,7 +299,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(p)
     p.add_argument("--backbone", default="sasrec", choices=BACKBONES, help="sequential recommender f_theta; paper: sasrec (Table 3: gru4rec, caser)")
-    p.add_argument("--d", type=int, default=128, help="hidden size d (Fig. 1: 128)")
+    p.add_argument("--d", "--hidden-size", dest="d", type=int, default=128,
+                   help="hidden size d (Fig. 1: 128); under torchrun write --hidden-size, as torchrun reads --d as its own")
     p.add_argument("--n-blocks", type=int, default=5, help="SASRec self-attention blocks; authors' release: 5")
     p.add_argument("--n-heads", type=int, default=2, help="SASRec attention heads; authors' release: 2")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout probability; paper: 0.1 (Appendix A)")
@@ -236,7 +321,8 @@ def main():
     model = make_expert("id", data["n_items"], data["text_emb"], model_args).to(device)
     print(protocol(data, "valid", 10))
     model, log = fit(model, data, args, out)
-    finish(model, model_args, data, args, 1, log, out)
+    if is_main_process():  # under torchrun, rank 0 tests and writes
+        finish(model, model_args, data, args, 1, log, out)
 
 
 if __name__ == "__main__":

@@ -328,3 +328,68 @@ def test_recommend_is_topk_of_the_scores_without_history():
     assert got[0][1:3] == (f"r{expected[0]}", f"t{expected[0]}")
     assert got[0][3] == pytest.approx(scores[0, expected[0]].item())
     assert len(recommend(model, data, history, k=1000)) == N - len(set(history))  # never padding or history
+
+
+# --- Serving from cached item tables -----------------------------------------------------
+
+
+def tiny_model(kind, gate="freq", N=57, seed=0):
+    """A small random phase-1/2 expert or phase-3 PAD over an fp16 1024-d text table, in eval
+    mode, with weights scaled up so that the gate and every expert matter."""
+    from models import build_model
+
+    torch.manual_seed(seed)
+    text = torch.randn(N + 1, 1024).half()
+    text[0] = 0
+    bucket = torch.randint(1, 11, (N + 1,), generator=gen(seed))
+    bucket[0] = 0
+    data = {"text_emb": text, "n_items": N, "n_buckets": 10, "item_bucket": bucket}
+    cfg = {"backbone": "sasrec", "d": 16, "L": 6, "n_blocks": 1, "n_heads": 2, "dropout": 0.1}
+    args = {"kind": "pad", "experts": list(kind), "gate": gate, **cfg} if isinstance(kind, tuple) else \
+        {"kind": "expert", "expert": kind, **cfg}
+    model = build_model(args, data)
+    for w in model.parameters():
+        nn.init.normal_(w, std=0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind,gate", [("id", None), ("align", None), ("llm", None), (("id", "align", "llm"), "freq"),
+                                       (("id", "align", "llm"), "bucket"), (("id", "align", "llm"), "none"),
+                                       (("align", "llm"), "freq")])
+def test_cached_tables_give_full_scores_bit_for_bit(kind, gate):
+    from evaluate import item_tables, scores_from_tables
+
+    model = tiny_model(kind, gate)
+    seq = torch.randint(0, 58, (9, 6), generator=gen(3))
+    seq[0, :4] = 0  # a left-padded window
+    with torch.no_grad():
+        want = model.full_scores(seq)  # (9, N+1)
+        assert torch.equal(scores_from_tables(model, item_tables(model), seq), want)
+        assert torch.equal(scores_from_tables(model, item_tables(model, chunk=10), seq), want)  # items in chunks
+        lean = scores_from_tables(model, item_tables(model), seq, gate_per_bucket=True)  # serving's O(B x N) gate
+        half = scores_from_tables(model, item_tables(model, torch.float16), seq, gate_per_bucket=True)
+    assert torch.allclose(lean, want, rtol=1e-6, atol=1e-6)
+    assert half.dtype == torch.float32 and torch.allclose(half, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    model.train()
+    with pytest.raises(ValueError, match="eval"):
+        item_tables(model)  # dropout would enter the tables
+
+
+def test_top_items_and_recommend_with_cached_tables():
+    from evaluate import item_tables, top_items
+
+    model = tiny_model(("id", "align", "llm"))
+    seq = torch.randint(1, 58, (4, 6), generator=gen(4))
+    exclude = torch.cat([seq, torch.zeros(4, 2, dtype=torch.long)], 1)  # history with padding
+    scores, items = top_items(model, item_tables(model), seq, exclude, 5)
+    with torch.no_grad():
+        full = model.full_scores(seq)
+    for u in range(4):
+        allowed = [i for i in range(1, 58) if i not in seq[u].tolist()]
+        assert items[u].tolist() == sorted(allowed, key=lambda i: -full[u, i].item())[:5]
+        assert torch.allclose(scores[u], full[u, items[u]], rtol=1e-6, atol=1e-6)
+    data = {"seqs": torch.zeros(1, 9, dtype=torch.long), "n_items": 57,
+            "raw_ids": [""] + [f"r{i}" for i in range(1, 58)], "titles": [""] + [f"t{i}" for i in range(1, 58)]}
+    history = seq[0].tolist()
+    assert recommend(model, data, history, 5, item_tables(model)) == recommend(model, data, history, 5)
+    assert [i for i, *_ in recommend(model, data, history, 5)] == items[0].tolist()

@@ -515,3 +515,26 @@ def test_flags_that_cannot_apply_are_refused(tmp_path):
     assert "needs movie data" in prepare_error(["--data", "mind", "--text", "title+year+genres"])
     raw = write_mind(tmp_path)
     assert "mind has no ratings" in prepare_error(["--data", "mind", "--raw-dir", str(raw), "--rating-above", "3"])
+
+
+# --- LLM2Vec across several devices ----------------------------------------------------------------
+
+@pytest.mark.parametrize("n,parts", [(10, 3), (2, 2), (7, 1), (3, 5)])
+def test_shard_texts_keeps_order_and_balance(n, parts):
+    texts = [f"t{i}" for i in range(n)]
+    shards = prepare_data.shard_texts(texts, parts)
+    assert len(shards) == parts and [t for s in shards for t in s] == texts
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_llm2vec_sharded_over_two_devices_matches_one(tiny_llama):
+    """Two CPU 'devices' stand in for two GPUs: each shard is encoded in its own spawned
+    process, and the shards concatenate to the single-process table."""
+    import functools
+    base, adapter = tiny_llama
+    texts = [title_of(str(k)) for k in range(1, 12)]
+    one, _ = prepare_data.encode_llm2vec(texts, str(base), str(adapter), "cpu", 4)
+    encode = functools.partial(prepare_data.encode_llm2vec_on, model_id=str(base), adapter_id=str(adapter), batch_size=4)
+    two, info = prepare_data.encode_sharded(encode, texts, ["cpu", "cpu"])
+    assert two.shape == one.shape == (11, 1024) and info["model_id"] == str(base)
+    assert torch.allclose(two, one, atol=1e-4, rtol=1e-4)

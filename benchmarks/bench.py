@@ -1,0 +1,202 @@
+"""Speed and memory of PAD on a prepared or synthetic dataset, one JSON line per figure.
+
+    python benchmarks/bench.py --data ml-100k --ckpt runs/ml-100k/finetune_sasrec_freq_id-align-llm_seed0.pt
+    python benchmarks/synthetic.py --preset electronics && \\
+    python benchmarks/bench.py --data synthetic-electronics --phases 3 --eval-users 2048
+
+Figures (each line: {"figure", "value", "unit", "dataset", "device", "threads", ...}):
+  negatives    seconds of pretrain.fit's per-epoch draw of negatives for every user;
+  train        sequences (users) per second of --steps training steps of each phase, with its
+               real loss (pretrain.PhaseLoss; phase 2 adds align.mmd_term), AdamW and negatives;
+  train_peak   peak memory of the draw and the steps (CPU: resident set, CUDA: allocated);
+  eval         users per second of evaluate.evaluate(), full ranking of the test split over
+               all N items (the first --eval-users users, default all), and its peak memory;
+  serve        latency of the top-10 items for a batch of users with the item tables cached
+               (evaluate.item_tables, built once: its time and size are the `serve_cache`
+               figures), p50 and p99 in ms, batch 1 and 256, float32 and float16 tables.
+Models have the default sizes (d = 128, 5 blocks, 2 heads) and random weights unless --ckpt
+names a trained checkpoint (then used for eval and serve): speed does not depend on the
+weights. Another recommender (e.g. RecBole) is compared by printing the same JSON keys.
+"""
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from align import mmd_term  # noqa: E402
+from evaluate import evaluate, history_before_target, item_tables, split_sequences, top_items  # noqa: E402
+from models import EXPERTS, build_model, model_from_checkpoint, read_checkpoint  # noqa: E402
+from prepare_data import load_dataset  # noqa: E402
+from pretrain import PhaseLoss, resolve_device, sample_negatives  # noqa: E402
+
+
+# --- Measuring: peak memory and wall time -------------------------------------------------
+
+
+def reset_peak(device):
+    """Start a new peak-memory window: CUDA's allocator counter, or Linux's VmHWM (the
+    peak resident set, reset by writing 5 to /proc/self/clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_mb(device):
+    """Peak memory in MiB since reset_peak: CUDA allocated, else the process's peak RSS
+    (on a system without /proc, since the process started)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    status = Path("/proc/self/status")
+    if status.exists():
+        hwm = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(hwm.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def clock(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+# --- The figures ---------------------------------------------------------------------------
+
+
+def phase_model(phase, data, args):
+    """Phase 1: the ID expert; 2: the alignment expert; 3: PAD with all experts, freq gate."""
+    cfg = {"backbone": args.backbone, "d": 128, "L": data["seqs"].shape[1] - 3, "n_blocks": 5, "n_heads": 2,
+           "dropout": 0.1}
+    model_args = ({"kind": "pad", "experts": list(EXPERTS), "gate": "freq", **cfg} if phase == 3 else
+                  {"kind": "expert", "expert": "id" if phase == 1 else "align", **cfg})
+    return build_model(model_args, data)
+
+
+def train_figures(phase, data, args, device, emit):
+    """--steps training steps of a phase on random batches of --batch-size users, after
+    --warmup steps; each step as in pretrain.fit: negatives, loss, backward, AdamW."""
+    torch.manual_seed(0)
+    model = phase_model(phase, data, args).to(device).train()
+    extra = mmd_term(argparse.Namespace(kernel="gaussian", gamma=0.1, anchor="rec", mmd_sample=512)) if phase == 2 else None
+    step_loss = PhaseLoss(model, extra, use_rec_loss=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    train_in, train_pos = split_sequences(data["seqs"], "train")  # (U, L) each
+    gen = torch.Generator().manual_seed(0)
+    reset_peak(device)
+    start = time.perf_counter()
+    sample_negatives(data["seqs"][:, :-2], data["n_items"], train_pos.shape, gen)  # fit's draw for every user
+    emit("negatives", time.perf_counter() - start, "s", phase=phase, note="once per epoch, all users")
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            start = clock(device)
+        idx = torch.randint(len(train_in), (args.batch_size,), generator=gen)
+        seq, pos = train_in[idx], train_pos[idx]  # (B, L)
+        mask = (seq != 0) & (pos != 0)
+        neg = sample_negatives(data["seqs"][idx, :-2], data["n_items"], pos.shape, gen) * mask
+        seq, pos, neg, mask = (t.to(device, non_blocking=True) for t in (seq, pos, neg, mask))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, _ = step_loss(seq, pos, neg, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    seconds = clock(device) - start
+    emit("train", args.steps * args.batch_size / seconds, "sequences/s", phase=phase, steps=args.steps,
+         batch_size=args.batch_size)
+    emit("train_peak", peak_mb(device), "MiB", phase=phase, steps=args.steps, batch_size=args.batch_size)
+
+
+def eval_figures(model, phase, data, args, device, emit):
+    """evaluate() on the test split of the first --eval-users users (all by default)."""
+    users = min(args.eval_users or len(data["seqs"]), len(data["seqs"]))
+    subset = {**data, "seqs": data["seqs"][:users]}
+    evaluate(model, {**subset, "seqs": subset["seqs"][:min(users, 64)]}, "test", 10, args.eval_batch_size)  # warm-up
+    reset_peak(device)
+    start = clock(device)
+    evaluate(model, subset, "test", 10, args.eval_batch_size)
+    seconds = clock(device) - start
+    emit("eval", users / seconds, "users/s", phase=phase, users=users, seconds=round(seconds, 3),
+         eval_batch_size=args.eval_batch_size)
+    emit("eval_peak", peak_mb(device), "MiB", phase=phase, users=users, eval_batch_size=args.eval_batch_size)
+
+
+def serve_figures(model, phase, data, args, device, emit):
+    """Top-10 latency with cached item tables, for each table dtype and batch size."""
+    model.eval()
+    inputs, _ = split_sequences(data["seqs"], "test")  # (U, L) each user's latest window
+    history = history_before_target(data["seqs"], "test")  # (U, L+2) excluded from the ranking
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float16):
+        name = str(dtype).removeprefix("torch.")
+        reset_peak(device)
+        start = clock(device)
+        tables = item_tables(model, dtype)
+        emit("serve_cache", clock(device) - start, "s", phase=phase, dtype=name,
+             size_mib=round(sum(t.numel() * t.element_size() for t in tables) / 2 ** 20, 1))
+        for batch, repeats in ((1, args.serve_repeats), (256, max(5, args.serve_repeats // 10))):
+            times = []
+            for r in range(repeats + 2):  # the first two are warm-up
+                idx = torch.randint(len(inputs), (batch,), generator=gen)
+                seq, exclude = inputs[idx].to(device), history[idx].to(device)
+                start = clock(device)
+                top_items(model, tables, seq, exclude, 10)
+                times.append(clock(device) - start)
+            times = torch.tensor(times[2:]) * 1000
+            for q in (50, 99):
+                emit("serve", torch.quantile(times, q / 100).item(), "ms", phase=phase, batch=batch, dtype=name,
+                     quantile=f"p{q}", repeats=repeats)
+        emit("serve_peak", peak_mb(device), "MiB", phase=phase, dtype=name)
+        del tables
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="ml-100k", help="prepared dataset (prepare_data.py or benchmarks/synthetic.py)")
+    p.add_argument("--ckpt", default=None, help="trained checkpoint of any phase for the eval and serve figures; "
+                                                "default: random weights for each of --phases")
+    p.add_argument("--phases", default="1,2,3", help="comma-separated phases to measure")
+    p.add_argument("--figures", default="train,eval,serve", help="comma-separated subset of train,eval,serve")
+    p.add_argument("--backbone", default="sasrec", choices=("sasrec", "gru4rec", "caser"), help="sequence encoder")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast in training, as the phase scripts)")
+    p.add_argument("--batch-size", type=int, default=128, help="users per training step (phase scripts' default; paper: 16)")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per phase")
+    p.add_argument("--warmup", type=int, default=3, help="untimed training steps before them")
+    p.add_argument("--eval-users", type=int, default=None, help="evaluate the first this many users (default: all)")
+    p.add_argument("--eval-batch-size", type=int, default=512, help="users ranked at once, as --eval-batch-size of the phases")
+    p.add_argument("--serve-repeats", type=int, default=100, help="timed requests at batch 1 (a tenth, at least 5, at 256)")
+    args = p.parse_args()
+
+    device = resolve_device(args.device)
+    start = time.perf_counter()
+    data = load_dataset(args.data)
+    common = {"dataset": data["name"], "users": len(data["seqs"]), "items": data["n_items"],
+              "d_text": data["text_emb"].shape[1], "device": str(device), "threads": torch.get_num_threads()}
+
+    def emit(figure, value, unit, **fields):
+        print(json.dumps({"figure": figure, "value": round(value, 4), "unit": unit, **common, **fields}), flush=True)
+
+    emit("load", time.perf_counter() - start, "s", rss_mib=round(peak_mb(device), 1))
+    figures = args.figures.split(",")
+    phases = [int(x) for x in args.phases.split(",")]
+    if "train" in figures:
+        for phase in phases:
+            train_figures(phase, data, args, device, emit)
+    if args.ckpt:
+        ckpt = read_checkpoint(args.ckpt)
+        models = {ckpt["phase"]: model_from_checkpoint(ckpt, data, args.ckpt).to(device)}
+    else:
+        torch.manual_seed(0)
+        models = {phase: phase_model(phase, data, args).to(device) for phase in phases}
+    for phase, model in models.items():
+        if "eval" in figures:
+            eval_figures(model, phase, data, args, device, emit)
+        if "serve" in figures:
+            serve_figures(model, phase, data, args, device, emit)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Tests of benchmarks/: the synthetic generator writes a dataset that load_dataset() accepts,
+with the protocol's sequence lengths, every item id used and a long-tailed popularity; the
+benchmark prints one JSON line per figure for every phase on a tiny synthetic dataset."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from prepare_data import fingerprint, frequency_buckets, item_frequency, load_dataset  # noqa: E402
+from synthetic import PRESETS, make_dataset  # noqa: E402
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def run(*args):
+    r = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    return r
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    r = run("benchmarks/synthetic.py", "--users", 300, "--items", 200, "--interactions", 3000, "--d-text", 1024,
+            "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_synthetic_dataset_follows_the_format_and_protocol(tiny):
+    data = load_dataset(tiny)  # every key, consistent tables, finite text
+    seqs, N = data["seqs"], data["n_items"]
+    assert seqs.shape == (300, 23) and N == 200 and data["name"] == "synthetic"
+    lengths = (seqs > 0).sum(1)
+    assert lengths.min() >= 5 and lengths.max() <= 23
+    assert (seqs != 0).long().cumsum(1).gt(0).eq(seqs != 0).all()  # left-padded: no gap after the first item
+    assert torch.equal(torch.unique(seqs[seqs > 0]), torch.arange(1, N + 1))  # ids 1..N all used
+    assert data["text_emb"].shape == (N + 1, 1024) and data["text_emb"].dtype == torch.float16
+    assert not data["text_emb"][0].any()
+    assert torch.equal(data["item_freq"], item_frequency(seqs, N))
+    assert torch.equal(data["item_bucket"], frequency_buckets(data["item_freq"], 10))
+    assert data["fingerprint"] == fingerprint(seqs, N)
+    assert abs(lengths.float().mean().item() - 10) < 1.5  # 3000 / 300 interactions per user
+    freq = data["item_freq"][1:].sort(descending=True).values
+    assert freq[:20].sum() > 0.3 * freq.sum()  # long tail: the top 10% of items hold > 30% of interactions
+
+
+def test_presets_are_table_1_and_scale_down():
+    assert PRESETS["electronics"]["users"] == 598307 and PRESETS["electronics"]["items"] == 423191
+    assert PRESETS["mind"]["items"] == 79707 and PRESETS["mind"]["d_text"] == 4096
+    data = make_dataset("s", 600, 420, 5137, 8)  # Electronics / 1000
+    assert data["n_items"] == 420 and data["text_emb"].dtype == torch.float32  # d_text < 1024 stays float32
+    assert torch.equal(make_dataset("s", 600, 420, 5137, 8)["seqs"], data["seqs"])  # seeded
+
+
+def test_synthetic_refuses_too_few_interactions():
+    r = run("benchmarks/synthetic.py", "--users", 10, "--items", 500, "--interactions", 60, "--d-text", 8, "--out", "/nonexistent")
+    assert r.returncode != 0 and "--items 500" in r.stderr and "Traceback" not in r.stderr
+    r = run("benchmarks/synthetic.py", "--users", 10)
+    assert r.returncode != 0 and "--items" in r.stderr and "--preset" in r.stderr
+
+
+def test_bench_prints_one_json_line_per_figure(tiny):
+    r = run("benchmarks/bench.py", "--data", tiny, "--steps", 1, "--warmup", 0, "--serve-repeats", 2, "--eval-users", 50)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    for line in lines:
+        assert {"figure", "value", "unit", "dataset", "device", "threads"} <= line.keys() and line["value"] >= 0
+    got = {(x["figure"], x.get("phase"), x.get("batch"), x.get("dtype"), x.get("quantile")) for x in lines}
+    for phase in (1, 2, 3):
+        assert {("train", phase, None, None, None), ("train_peak", phase, None, None, None),
+                ("eval", phase, None, None, None), ("eval_peak", phase, None, None, None)} <= got
+        for dtype in ("float32", "float16"):
+            assert ("serve_cache", phase, None, dtype, None) in got
+            assert {("serve", phase, b, dtype, q) for b in (1, 256) for q in ("p50", "p99")} <= got
+    assert next(x for x in lines if x["figure"] == "eval")["users"] == 50
