@@ -293,8 +293,9 @@ def bar_figure(panels, path, title, metric="HR@10", groups=None):
             stats = [mean_std([r[metric] for r in table[lb]]) for lb in labels]
             ax.bar(range(len(labels)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3, color="tab:blue")
             ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-            low = min(m - s for m, s in stats)
-            ax.set_ylim(max(0.0, low - 0.15 * (max(m + s for m, s in stats) - low + 1e-9)), None)
+            low, high = min(m - s for m, s in stats), max(m + s for m, s in stats)
+            span = max(high - low, 0.05 * high, 1e-3)  # zoomed like the paper's bars, never flat
+            ax.set_ylim(max(0.0, low - 0.3 * span), high + 0.1 * span)
         ax.set_ylabel(f"{metric} (%)")
         ax.set_title(panel or title)
     fig.suptitle(title)
