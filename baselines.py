@@ -29,7 +29,7 @@ from evaluate import protocol, split_sequences
 from mmd import TAU, info_nce
 from models import BACKBONES, build_model, check_checkpoint, disco_losses, make_expert, model_from_checkpoint, read_checkpoint
 from prepare_data import atomic_save, load_dataset
-from pretrain import add_training_args, finish, fit, resolve_device
+from pretrain import add_training_args, finish, fit, is_main_process, resolve_device
 
 METHODS = ("hybrid", "morec", "ctrl", "make", "disco")
 
@@ -64,7 +64,7 @@ def main():
     add_training_args(p)
     p.add_argument("--method", required=True, choices=METHODS, help="which Table 2 baseline")
     p.add_argument("--backbone", default="sasrec", choices=BACKBONES, help="sequential recommender; paper: sasrec")
-    p.add_argument("--d", type=int, default=128, help="hidden size d (as pretrain.py)")
+    p.add_argument("--d", "--hidden-size", dest="d", type=int, default=128, help="hidden size d (as pretrain.py)")
     p.add_argument("--n-blocks", type=int, default=5, help="SASRec self-attention blocks (as pretrain.py)")
     p.add_argument("--n-heads", type=int, default=2, help="SASRec attention heads (as pretrain.py)")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout probability (as pretrain.py)")
@@ -102,11 +102,12 @@ def main():
             stage1.load_state_dict(model_from_checkpoint(read_checkpoint(stage1_path), data, stage1_path).state_dict())
             print(f"ctrl stage 1: reusing {stage1_path}")
         else:
-            ctrl_stage1(stage1, data, args, device)
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            atomic_save({"phase": "ctrl stage 1", "model_args": stage1_args, "dataset": name,
-                         "state": {k: v.cpu() for k, v in stage1.state_dict().items()},
-                         "args": vars(args), "n_items": data["n_items"], "fingerprint": data["fingerprint"]}, stage1_path)
+            ctrl_stage1(stage1, data, args, device)  # under torchrun every rank runs it alike (same seed)
+            if is_main_process():
+                Path(out).parent.mkdir(parents=True, exist_ok=True)
+                atomic_save({"phase": "ctrl stage 1", "model_args": stage1_args, "dataset": name,
+                             "state": {k: v.cpu() for k, v in stage1.state_dict().items()},
+                             "args": vars(args), "n_items": data["n_items"], "fingerprint": data["fingerprint"]}, stage1_path)
         model_args = {**cfg, "expert": "id"}
         model = make_expert("id", data["n_items"], data["text_emb"], model_args)
         model.items.load_state_dict(stage1.items.id.state_dict())  # stage 2 starts from the aligned table
@@ -127,7 +128,8 @@ def main():
     if args.method == "make":
         extra["expert_weights"] = dict(zip(model.experts, torch.softmax(model.gate.v, 0).tolist()))
         print(f"fused expert weights: {extra['expert_weights']}")
-    finish(model, model_args, data, args, phase, log, out, extra=extra)
+    if is_main_process():  # under torchrun, rank 0 tests and writes
+        finish(model, model_args, data, args, phase, log, out, extra=extra)
 
 
 if __name__ == "__main__":

@@ -57,3 +57,11 @@ def test_every_phase_under_torchrun_with_two_processes(tmp_path):
     assert written == ["p1.json", "p1.pt", "p2.json", "p2.pt", "p3.json", "p3.pt"]  # no OUT.last.pt left, no extras
     ckpt = torch.load(tmp_path / "p3.pt", weights_only=True)
     assert ckpt["phase"] == 3 and ckpt["args"]["batch_size"] == 8
+
+
+def test_a_two_stage_baseline_under_torchrun(tmp_path):
+    """baselines.py --method ctrl: stage 1 on every rank alike, rank 0 writes both files."""
+    atomic_save(make_dataset("ddp", 40, 30, 500, 32), tmp_path / "ddp" / "dataset.pt")
+    torchrun("baselines.py", "--data", tmp_path / "ddp", "--method", "ctrl", "--ctrl-epochs", "2", "--hidden-size", "16",
+             "--n-blocks", "1", *TRAIN, "--out", tmp_path / "ctrl.pt")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["ctrl.json", "ctrl.pt", "ctrl.stage1.pt"]
