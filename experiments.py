@@ -434,7 +434,7 @@ def report(exp, panels, data, args, results):
             elif exp == "fig2":
                 md += [summary_table(t, metrics=[f"{g} HR@10" for g in GROUPS] + [f"{g} nDCG@10" for g in GROUPS], base="SASRec")]
             else:
-                md += [f"### {panel}\n" + summary_table(t)]
+                md += [(f"### {panel}\n" if panel else "") + summary_table(t)]
         if exp != "table2" and exp != "table3":
             bar_figure(tables, results / f"{exp}.png", title, groups=GROUPS if exp == "fig2" else None)
     atomic_write_text("\n\n".join(md) + "\n", results / f"{exp}.md")
