@@ -278,7 +278,7 @@ def bar_figure(panels, path, title, metric="HR@10", groups=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(7.0, 5.5 * len(panels)), 4), squeeze=False)
     for ax, (panel, table) in zip(axes[0], panels.items()):
         labels = list(table)
         if groups:
@@ -297,8 +297,8 @@ def bar_figure(panels, path, title, metric="HR@10", groups=None):
             span = max(high - low, 0.05 * high, 1e-3)  # zoomed like the paper's bars, never flat
             ax.set_ylim(max(0.0, low - 0.3 * span), high + 0.1 * span)
         ax.set_ylabel(f"{metric} (%)")
-        ax.set_title(panel or title)
-    fig.suptitle(title)
+        ax.set_title(panel)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -339,7 +339,7 @@ def line_figure(panels, path, title, n_buckets):
         ax.set_ylabel("Kendall's tau")
         ax.set_title(panel)
         ax.legend()
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -396,7 +396,7 @@ def fig3(panels, data, path, title):
         sep = mannwhitneyu(d_s[top].numpy(), d_s[bottom].numpy()).statistic / (int(top.sum()) * int(bottom.sum()))
         out.append({"experiment": "fig3", "panel": "", "label": label, "seed": m_seed(runs[0]), "run": str(runs[0].out),
                     "textual separation": float(sep)})
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
