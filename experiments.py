@@ -410,7 +410,8 @@ def report(exp, panels, data, args, results):
     name = data["name"]
     title = {"table2": "Table 2", "table3": "Table 3", "fig2": "Fig. 2: SASRec vs PAD by target frequency",
              "fig3": "Fig. 3: top/bottom-10% collaborative pairs of cold items", "fig4": "Fig. 4: anchoring",
-             "fig5": "Fig. 5", "fig6": "Fig. 6: Kendall's tau to the phase-1 ID table"}[exp] + f" ({name}, seeds {args.seeds})"
+             "fig5": "Fig. 5", "fig6": "Fig. 6: Kendall's tau to the phase-1 ID table"}[exp]
+    title += f" ({name}, seed {args.seeds[0]})" if exp == "fig3" else f" ({name}, seeds {args.seeds})"
     if exp == "fig6":
         all_rows = kendall_rows(panels, data, args.max_pairs)
         tables = by_label(all_rows)
