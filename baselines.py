@@ -37,7 +37,9 @@ METHODS = ("hybrid", "morec", "ctrl", "make", "disco")
 def ctrl_stage1(model, data, args, device):
     """CTRL stage 1: symmetric InfoNCE between the ID table h^c and the text tower f_MLP
     over the distinct items of each batch of training sequences (no recommendation loss;
-    the encoder is not trained). model: a 'align'-kind expert whose items.parts gives both."""
+    the encoder is not trained). model: a 'align'-kind expert whose items.parts gives both.
+    DEVIATION: CTRL contrasts whole samples (a tabular model vs a language model reading the
+    sample as a prompt); with only item texts, the contrast here is item-level."""
     seqs, _ = split_sequences(data["seqs"], "train")
     params = list(model.items.id.parameters()) + list(model.items.f_mlp.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
