@@ -214,7 +214,7 @@ def rows(exp, panels):
         for label, runs in labels.items():
             for r in runs:
                 m = r.metrics()
-                row = {"experiment": exp, "panel": panel, "label": label, "seed": m_seed(r), "run": str(r.out),
+                row = {"experiment": exp, "panel": panel, "label": label, "seed": seed_of(r), "run": str(r.out),
                        "HR@10": m["test"]["HR@10"], "nDCG@10": m["test"]["nDCG@10"], "best_epoch": m["best_epoch"]}
                 for g in GROUPS:
                     row[f"{g} HR@10"], row[f"{g} nDCG@10"] = (m["test"]["groups"][g][k] for k in ("HR@10", "nDCG@10"))
@@ -222,7 +222,7 @@ def rows(exp, panels):
     return out
 
 
-def m_seed(run):
+def seed_of(run):
     return int(run.cmd[run.cmd.index("--seed") + 1])
 
 
@@ -320,7 +320,7 @@ def kendall_rows(panels, data, max_pairs):
                 p1 = next(d for d in r.deps if d.out.name.startswith("pretrain_"))
                 taus = embedding_kendall_tau(embedding_table(str(p1.out), data), embedding_table(f"{r.out}{key}", data),
                                              data["seqs"], data["item_bucket"], data["n_buckets"], max_pairs)
-                out.append({"experiment": "fig6", "panel": panel, "label": label, "seed": m_seed(r), "run": str(r.out),
+                out.append({"experiment": "fig6", "panel": panel, "label": label, "seed": seed_of(r), "run": str(r.out),
                             **{f"bucket {b}": t for b, t in taus.items()}})
     return out
 
@@ -394,7 +394,7 @@ def fig3(panels, data, path, title):
             ax.set_xlabel("distance / mean distance")
         row[0].legend(fontsize=7)
         sep = mannwhitneyu(d_s[top].numpy(), d_s[bottom].numpy()).statistic / (int(top.sum()) * int(bottom.sum()))
-        out.append({"experiment": "fig3", "panel": "", "label": label, "seed": m_seed(runs[0]), "run": str(runs[0].out),
+        out.append({"experiment": "fig3", "panel": "", "label": label, "seed": seed_of(runs[0]), "run": str(runs[0].out),
                     "textual separation": float(sep)})
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
@@ -436,7 +436,7 @@ def report(exp, panels, data, args, results):
                 md += [summary_table(t, metrics=[f"{g} HR@10" for g in GROUPS] + [f"{g} nDCG@10" for g in GROUPS], base="SASRec")]
             else:
                 md += [(f"### {panel}\n" if panel else "") + summary_table(t)]
-        if exp != "table2" and exp != "table3":
+        if exp not in ("table2", "table3"):
             bar_figure(tables, results / f"{exp}.png", title, groups=GROUPS if exp == "fig2" else None)
     atomic_write_text("\n\n".join(md) + "\n", results / f"{exp}.md")
     atomic_write_text(json.dumps({"experiment": exp, "data": name, "seeds": args.seeds, "rows": all_rows}, indent=1),
