@@ -29,7 +29,7 @@ from evaluate import protocol, split_sequences
 from mmd import TAU, info_nce
 from models import BACKBONES, build_model, check_checkpoint, disco_losses, make_expert, model_from_checkpoint, read_checkpoint
 from prepare_data import atomic_save, load_dataset
-from pretrain import add_training_args, finish, fit, is_main_process, resolve_device
+from pretrain import add_model_args, add_training_args, finish, fit, is_main_process, resolve_device
 
 METHODS = ("hybrid", "morec", "ctrl", "make", "disco")
 
@@ -66,10 +66,7 @@ def main():
     add_training_args(p)
     p.add_argument("--method", required=True, choices=METHODS, help="which Table 2 baseline")
     p.add_argument("--backbone", default="sasrec", choices=BACKBONES, help="sequential recommender; paper: sasrec")
-    p.add_argument("--d", "--hidden-size", dest="d", type=int, default=128, help="hidden size d (as pretrain.py)")
-    p.add_argument("--n-blocks", type=int, default=5, help="SASRec self-attention blocks (as pretrain.py)")
-    p.add_argument("--n-heads", type=int, default=2, help="SASRec attention heads (as pretrain.py)")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout probability (as pretrain.py)")
+    add_model_args(p)
     p.add_argument("--ctrl-epochs", type=int, default=20, help="ctrl: epochs of the contrastive stage 1")
     p.add_argument("--ctrl-tau", type=float, default=TAU, help="ctrl: InfoNCE temperature")
     p.add_argument("--morec", default=None, help="make: the morec checkpoint seeding the LLM expert; "

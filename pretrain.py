@@ -295,15 +295,21 @@ def finish(model, model_args, data, args, phase, log, out, extra=None):
     return metrics
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_args(p)
-    p.add_argument("--backbone", default="sasrec", choices=BACKBONES, help="sequential recommender f_theta; paper: sasrec (Table 3: gru4rec, caser)")
+def add_model_args(p):
+    """Sizes of a model built from scratch (pretrain.py, baselines.py); later phases read
+    them from the phase-1 checkpoint."""
     p.add_argument("--d", "--hidden-size", dest="d", type=int, default=128,
                    help="hidden size d (Fig. 1: 128); under torchrun write --hidden-size, as torchrun reads --d as its own")
     p.add_argument("--n-blocks", type=int, default=5, help="SASRec self-attention blocks; authors' release: 5")
     p.add_argument("--n-heads", type=int, default=2, help="SASRec attention heads; authors' release: 2")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout probability; paper: 0.1 (Appendix A)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_args(p)
+    p.add_argument("--backbone", default="sasrec", choices=BACKBONES, help="sequential recommender f_theta; paper: sasrec (Table 3: gru4rec, caser)")
+    add_model_args(p)
     p.set_defaults(lr=None)
     args = p.parse_args()
     if args.lr is None:  # GRU4Rec from scratch plateaus within the patience window at 1e-3 on ml-100k

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from scipy.stats import ttest_rel
 
 from evaluate import embedding_kendall_tau, embedding_table
-from experiments import EXPERIMENTS, paired_t, significance, summary_table
+from experiments import EXPERIMENTS, paired_t, separation, significance, summary_table
 from prepare_data import load_dataset
 from test_phases import ENV, ROOT, dataset, run, work  # noqa: F401  (module fixtures)
 
@@ -98,3 +99,11 @@ def test_paired_t_matches_scipy_and_picks_the_best_baseline():
 def test_bad_flags_are_refused(work, dataset):
     r = experiments(work, dataset, "fig9")
     assert r.returncode != 0 and "invalid choice: 'fig9'" in r.stderr
+
+
+def test_separation_matches_a_loop_over_pairs():
+    g = torch.Generator().manual_seed(0)
+    far, near = torch.randint(0, 6, (40,), generator=g).float(), torch.randint(0, 5, (30,), generator=g).float()  # ties
+    loop = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in far.tolist() for b in near.tolist()) / (40 * 30)
+    assert separation(far, near) == pytest.approx(loop)
+    assert separation(far + 10, near) == 1.0 and separation(near, near) == pytest.approx(0.5)
