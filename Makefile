@@ -1,8 +1,10 @@
 # Two commands on a fresh machine with Python 3.11 (see README.md):
 #   make run    install, then the whole PAD paradigm on the offline default (ml-100k, CPU)
 #   make test   install, then the test suite (what .ci/run calls)
+#   make table  the SASRec vs PAD table of finished runs, nothing trained
 # Variables: DATA (prepared dataset name), SEEDS (space-separated), DEVICE (cpu|cuda),
-# PREPARE (extra flags for prepare_data.py, e.g. "--raw-dir raw/MIND --encoder llm2vec").
+# PREPARE (extra flags for prepare_data.py, e.g. "--raw-dir raw/MIND --encoder llm2vec";
+# changing them re-prepares), THREADS (threads per process), FORCE=1 (retrain finished runs).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,14 +12,17 @@ DATA ?= ml-100k
 SEEDS ?= 0
 DEVICE ?= cpu
 PREPARE ?=
+THREADS ?=
+FORCE ?=
 RUNS := runs/$(DATA)
-PAD_RUN := finetune_sasrec_freq_id-align-llm
+PAD_RUN := finetune_sasrec_freq_id-align-llm_gaussian_rec_gamma0.1
+FLAGS := --data $(DATA) --device $(DEVICE) $(if $(THREADS),--threads $(THREADS)) $(if $(FORCE),--overwrite)
 comma := ,
 empty :=
 space := $(empty) $(empty)
 commas = $(subst $(space),$(comma),$(strip $(1)))
 
-.PHONY: install run test
+.PHONY: install run table test FORCE_CHECK
 
 install: $(VENV)/.installed
 
@@ -27,16 +32,25 @@ $(VENV)/.installed: requirements.txt
 	$(BIN)/pip install -q --no-deps recbole==1.2.1
 	touch $@
 
-data/$(DATA)/dataset.pt: | install
+# the prepare flags are a file, rewritten only when they change: then dataset.pt is remade
+data/$(DATA)/prepare.flags: FORCE_CHECK
+	@mkdir -p $(@D)
+	@echo '$(DATA) $(PREPARE)' | cmp -s - $@ || echo '$(DATA) $(PREPARE)' > $@
+
+data/$(DATA)/dataset.pt: data/$(DATA)/prepare.flags | install
 	$(BIN)/python prepare_data.py --data $(DATA) $(PREPARE)
 
+# each script reuses a finished run with the same flags and data (FORCE=1 retrains)
 run: install data/$(DATA)/dataset.pt
 	set -e; for s in $(SEEDS); do \
-	  $(BIN)/python pretrain.py --data $(DATA) --seed $$s --device $(DEVICE); \
-	  $(BIN)/python align.py --data $(DATA) --gamma 0.1 --seed $$s --device $(DEVICE); \
-	  $(BIN)/python finetune.py --data $(DATA) --seed $$s --device $(DEVICE); \
+	  $(BIN)/python pretrain.py $(FLAGS) --seed $$s; \
+	  $(BIN)/python align.py $(FLAGS) --gamma 0.1 --seed $$s; \
+	  $(BIN)/python finetune.py $(FLAGS) --seed $$s; \
 	done
-	$(BIN)/python evaluate.py --table \
+	$(MAKE) --no-print-directory table
+
+table:
+	@$(BIN)/python evaluate.py --table \
 	  "SASRec=$(call commas,$(foreach s,$(SEEDS),$(RUNS)/pretrain_sasrec_seed$(s).json))" \
 	  "PAD=$(call commas,$(foreach s,$(SEEDS),$(RUNS)/$(PAD_RUN)_seed$(s).json))"
 

@@ -12,11 +12,10 @@ import argparse
 
 import torch
 
-from evaluate import protocol
+from dataset import DEFAULT_ALIGN, run_path
 from mmd import KERNELS, alignment_loss
 from models import BACKBONES, make_expert, model_from_checkpoint, read_checkpoint
-from prepare_data import load_dataset
-from pretrain import add_training_args, finish, fit, is_main_process, resolve_device
+from trainer import add_training_args, finish, fit, is_main_process, reuse_finished, setup
 
 ANCHORS = ("rec", "none", "frozen")
 
@@ -46,23 +45,23 @@ def main():
     add_training_args(p)
     p.add_argument("--backbone", default="sasrec", choices=BACKBONES, help="backbone of the phase-1 checkpoint to start from")
     p.add_argument("--init", default=None, help="phase-1 checkpoint; default runs/NAME/pretrain_BACKBONE_seedS.pt")
-    p.add_argument("--gamma", type=float, default=0.1, help="γ in Eq. (4), weight of the MK-MMD loss; paper: 0.1; 0 = no alignment (SMEM)")
-    p.add_argument("--kernel", default="gaussian", choices=KERNELS, help="alignment loss: MK-MMD kernel (Eq. 12, 17, 14, 15) or InfoNCE (Eq. 16); paper: gaussian")
-    p.add_argument("--anchor", default="rec", choices=ANCHORS,
+    p.add_argument("--gamma", type=float, default=DEFAULT_ALIGN["gamma"], help="γ in Eq. (4), weight of the MK-MMD loss; not given in the paper (the authors' release hard-codes 0.2); 0 = no alignment (SMEM)")
+    p.add_argument("--kernel", default=DEFAULT_ALIGN["kernel"], choices=KERNELS, help="alignment loss: MK-MMD kernel (Eq. 12, 17, 14, 15) or InfoNCE (Eq. 16); paper: gaussian")
+    p.add_argument("--anchor", default=DEFAULT_ALIGN["anchor"], choices=ANCHORS,
                    help="rec: L_REC + γ·MMD (paper); none: MMD only (Non-Anchored); frozen: L_REC + γ·MMD(h_s, SG(h_c)) (Sec. 4.4)")
-    p.add_argument("--mmd-sample", type=int, default=512, help="at most this many real behaviour items per batch enter the MMD (paper: batch 16 x 20 <= 320)")
+    p.add_argument("--mmd-sample", type=int, default=512, help="at most this many real behaviour items per batch enter the MMD (not in the paper; the authors' release feeds every slot of the batch: inputs, targets, negatives and padding)")
     args = p.parse_args()
     if args.anchor == "none" and args.gamma == 0:
         raise SystemExit("--anchor none with --gamma 0 leaves no loss to train; use --gamma > 0 or --anchor rec")
 
-    torch.manual_seed(args.seed)
-    device = resolve_device(args.device)
-    data = load_dataset(args.data)
-    init = args.init or f"runs/{data['name']}/pretrain_{args.backbone}_seed{args.seed}.pt"
-    ckpt1 = read_checkpoint(init)
-    phase1 = model_from_checkpoint(ckpt1, data, init, phase=1, backbone=args.backbone)
-    out = args.out or (f"runs/{data['name']}/align_{args.backbone}_{args.kernel}_{args.anchor}"
-                       f"_gamma{args.gamma:g}_seed{args.seed}.pt")
+    data, device = setup(args)
+    args.init = str(args.init or run_path(data["name"], "pretrain", backbone=args.backbone, seed=args.seed))
+    out = args.out or run_path(data["name"], "align", backbone=args.backbone, kernel=args.kernel, anchor=args.anchor,
+                               gamma=args.gamma, seed=args.seed)
+    if reuse_finished(out, data, args):
+        return
+    ckpt1 = read_checkpoint(args.init)
+    phase1 = model_from_checkpoint(ckpt1, data, args.init, phase=1, backbone=args.backbone)
     model_args = {**ckpt1["model_args"], "expert": "align"}
 
     # --- The alignment expert: phase-1 ID table h^c and encoder, new f_MLP over SG(h_text) ---
@@ -71,11 +70,10 @@ def main():
     model.encoder.load_state_dict(phase1.encoder.state_dict())
     model.to(device)
 
-    print(protocol(data, "valid", 10))
-    print(f"phase 2: kernel {args.kernel}, anchor {args.anchor}, gamma {args.gamma:g}, from {init}")
+    print(f"phase 2: kernel {args.kernel}, anchor {args.anchor}, gamma {args.gamma:g}, from {args.init}")
     model, log = fit(model, data, args, out, extra_loss=mmd_term(args), use_rec_loss=args.anchor != "none")
     if is_main_process():  # under torchrun, rank 0 tests and writes
-        finish(model, model_args, data, args, 2, log, out, extra={"init": init})
+        finish(model, model_args, data, args, 2, log, out, extra={"init": args.init})
 
 
 if __name__ == "__main__":

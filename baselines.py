@@ -1,5 +1,5 @@
 """The baselines of Table 2 (Sec. 4.1.3) that are not a PAD phase, each one small recommender
-trained with the shared loop of pretrain.py (same data, negatives, early stopping, test).
+trained with the shared loop of trainer.py (same data, negatives, early stopping, test).
 
     python baselines.py --data ml-100k --method morec
 
@@ -18,18 +18,17 @@ trained with the shared loop of pretrain.py (same data, negatives, early stoppin
 SASRec is pretrain.py and SMEM is align.py --gamma 0 then finetune.py (experiments.py runs
 both). Writes runs/NAME/baseline_METHOD_BACKBONE_seedS.pt and a metrics .json beside it
 (CTRL also its stage-1 table, OUT.stage1.pt). The choices each baseline pins down where the
-paper is brief are in the README.
+paper is brief are in results/README.md.
 """
 import argparse
 from pathlib import Path
 
 import torch
 
-from evaluate import protocol, split_sequences
+from dataset import atomic_save, run_path, split_sequences
 from mmd import TAU, info_nce
 from models import BACKBONES, build_model, check_checkpoint, disco_losses, make_expert, model_from_checkpoint, read_checkpoint
-from prepare_data import atomic_save, load_dataset
-from pretrain import add_model_args, add_training_args, finish, fit, is_main_process, resolve_device
+from trainer import add_model_args, add_training_args, finish, fit, is_main_process, model_config, reuse_finished, setup
 
 METHODS = ("hybrid", "morec", "ctrl", "make", "disco")
 
@@ -75,14 +74,14 @@ def main():
     p.add_argument("--disentangle", type=float, default=0.1, help="disco: weight of the disentanglement loss")
     args = p.parse_args()
 
-    torch.manual_seed(args.seed)
-    device = resolve_device(args.device)
-    data = load_dataset(args.data)
+    data, device = setup(args)
     name = data["name"]
-    out = args.out or f"runs/{name}/baseline_{args.method}_{args.backbone}_seed{args.seed}.pt"
-    L = data["seqs"].shape[1] - 3
-    cfg = {"kind": "expert", "backbone": args.backbone, "d": args.d, "L": L, "n_blocks": args.n_blocks,
-           "n_heads": args.n_heads, "dropout": args.dropout}
+    if args.method == "make":
+        args.morec = str(args.morec or run_path(name, "baseline", method="morec", backbone=args.backbone, seed=args.seed))
+    out = args.out or run_path(name, "baseline", method=args.method, backbone=args.backbone, seed=args.seed)
+    if reuse_finished(out, data, args):
+        return
+    cfg = {"kind": "expert", **model_config(data, args)}
     phase, extra_loss, extra = f"baseline {args.method}", None, {}
 
     if args.method in ("hybrid", "morec", "disco"):
@@ -112,7 +111,7 @@ def main():
         model.items.load_state_dict(stage1.items.id.state_dict())  # stage 2 starts from the aligned table
         extra = {"stage1": str(stage1_path)}
     else:  # make
-        morec = args.morec or f"runs/{name}/baseline_morec_{args.backbone}_seed{args.seed}.pt"
+        morec = args.morec
         ckpt = read_checkpoint(morec)
         check_checkpoint(ckpt, data, morec, phase="baseline morec", backbone=args.backbone, like=cfg)
         model_args = {**cfg, "kind": "pad", "experts": ["id", "llm"], "gate": "none"}
@@ -121,7 +120,6 @@ def main():
         extra = {"init": morec}
     model.to(device)
 
-    print(protocol(data, "valid", 10))
     print(f"baseline {args.method} on {args.backbone}")
     model, log = fit(model, data, args, out, extra_loss=extra_loss)
     if args.method == "make":

@@ -8,7 +8,7 @@ baselines.py) grouped under the paper's labels. A run whose checkpoint and metri
 exist is never recomputed, so an interrupted call picks up where it stopped (a run killed
 mid-way continues from its OUT.last.pt with --resume); runs shared by experiments (SASRec,
 PAD) are trained once. Runs go to RUNS/NAME/ under the phase scripts' own default names, so
-`make run` outputs are reused. Per experiment, RESULTS/NAME/ gets EXP.csv (one row per
+`make run` outputs are reused (and the other way round). Per experiment, RESULTS/NAME/ gets EXP.csv (one row per
 run), EXP.json (the rows and the summary), EXP.md (the table) and EXP.png (the figure).
 
   table2  SASRec, Hybrid, MoRec, CTRL, MAKE, DisCo, SMEM and PAD: HR@10 / nDCG@10 mean ± std,
@@ -42,12 +42,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from evaluate import GROUPS, bucket_groups, embedding_kendall_tau, embedding_table, mean_std
+from analysis import embedding_kendall_tau, embedding_table
+from dataset import DEFAULT_ALIGN, GROUPS, align_tag, atomic_write_text, bucket_groups, load_dataset, run_path
+from evaluate import mean_std, metric_row, summary_table
 from models import model_from_checkpoint, read_checkpoint
-from prepare_data import atomic_write_text, load_dataset
 
 EXPERIMENTS = ("table2", "table3", "fig2", "fig3", "fig4", "fig5", "fig6")
-PAPER_ALIGN = ("gaussian", "rec", 0.1)  # kernel, anchor, gamma of PAD's phase 2
+PAD_ALIGN = tuple(DEFAULT_ALIGN.values())  # kernel, anchor, gamma of PAD's phase 2
 
 
 # --- Runs: one call of a phase script, named as the script names its output -----------------
@@ -68,41 +69,41 @@ class Run:
 
 
 class Plan:
-    """The runs of one dataset and backbone-seed grid, each built once (shared by experiments)."""
+    """The runs of one dataset and backbone-seed grid, each built once (shared by experiments),
+    named by dataset.run_path as the scripts name their own output."""
 
     def __init__(self, runs_dir, data):
-        self.dir, self.data, self.runs = Path(runs_dir), data, {}
+        self.runs_dir, self.data, self.runs = Path(runs_dir), data, {}
 
-    def _run(self, name, cmd, seed, deps=()):
-        out = self.dir / name
+    def _run(self, script, cmd, seed, deps=(), **settings):
+        out = run_path(self.data["name"], script, runs=self.runs_dir, seed=seed, **settings)
         if out not in self.runs:
             self.runs[out] = Run(out, [*cmd, "--seed", str(seed), "--out", str(out)], list(deps))
         return self.runs[out]
 
     def pretrain(self, seed, backbone="sasrec"):
-        return self._run(f"pretrain_{backbone}_seed{seed}.pt", ["pretrain.py", "--backbone", backbone], seed)
+        return self._run("pretrain", ["pretrain.py", "--backbone", backbone], seed, backbone=backbone)
 
     def align(self, seed, kernel="gaussian", anchor="rec", gamma=0.1, backbone="sasrec"):
         p1 = self.pretrain(seed, backbone)
-        return self._run(f"align_{backbone}_{kernel}_{anchor}_gamma{gamma:g}_seed{seed}.pt",
-                         ["align.py", "--backbone", backbone, "--init", str(p1.out), "--kernel", kernel,
-                          "--anchor", anchor, "--gamma", f"{gamma:g}"], seed, [p1])
+        return self._run("align", ["align.py", "--backbone", backbone, "--init", str(p1.out), "--kernel", kernel,
+                                   "--anchor", anchor, "--gamma", f"{gamma:g}"], seed, [p1],
+                         backbone=backbone, kernel=kernel, anchor=anchor, gamma=gamma)
 
-    def finetune(self, seed, align=PAPER_ALIGN, experts="id,align,llm", gate="freq", backbone="sasrec"):
+    def finetune(self, seed, align=PAD_ALIGN, experts="id,align,llm", gate="freq", backbone="sasrec"):
         p1 = self.pretrain(seed, backbone)
-        cmd, deps = ["finetune.py", "--backbone", backbone, "--pretrain", str(p1.out), "--experts", experts, "--gate", gate], [p1]
+        cmd, deps, tag = ["finetune.py", "--backbone", backbone, "--pretrain", str(p1.out), "--experts", experts, "--gate", gate], [p1], ""
         if "align" in experts.split(","):
             p2 = self.align(seed, *align, backbone=backbone)
-            cmd, deps = cmd + ["--align", str(p2.out)], deps + [p2]
-        tag = "" if align == PAPER_ALIGN else "_{}_{}_gamma{:g}".format(*align)  # finetune.py's name + the variant
-        return self._run(f"finetune_{backbone}_{gate}_{experts.replace(',', '-')}{tag}_seed{seed}.pt", cmd, seed, deps)
+            cmd, deps, tag = cmd + ["--align", str(p2.out)], deps + [p2], align_tag(*align)
+        return self._run("finetune", cmd, seed, deps, backbone=backbone, gate=gate, experts=experts.split(","), align=tag)
 
     def baseline(self, seed, method, backbone="sasrec"):
         deps, cmd = [], ["baselines.py", "--method", method, "--backbone", backbone]
         if method == "make":
             morec = self.baseline(seed, "morec", backbone)
             deps, cmd = [morec], cmd + ["--morec", str(morec.out)]
-        return self._run(f"baseline_{method}_{backbone}_seed{seed}.pt", cmd, seed, deps)
+        return self._run("baseline", cmd, seed, deps, method=method, backbone=backbone)
 
 
 def groups(exp, plan, seeds):
@@ -162,7 +163,7 @@ def execute(runs, args):
         return
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))}
     failed, running = [], {}
-    bar = tqdm(total=len(todo), desc="runs", disable=not todo)
+    bar = tqdm(total=len(todo), desc="runs", disable=None if todo else True)  # on a terminal only
     with cf.ThreadPoolExecutor(args.jobs) as pool:
         while todo or running:
             for r in [r for r in todo if all(d.done for d in r.deps) and len(running) < args.jobs][:args.jobs - len(running)]:
@@ -214,11 +215,8 @@ def rows(exp, panels):
         for label, runs in labels.items():
             for r in runs:
                 m = r.metrics()
-                row = {"experiment": exp, "panel": panel, "label": label, "seed": seed_of(r), "run": str(r.out),
-                       "HR@10": m["test"]["HR@10"], "nDCG@10": m["test"]["nDCG@10"], "best_epoch": m["best_epoch"]}
-                for g in GROUPS:
-                    row[f"{g} HR@10"], row[f"{g} nDCG@10"] = (m["test"]["groups"][g][k] for k in ("HR@10", "nDCG@10"))
-                out.append(row)
+                out.append({"experiment": exp, "panel": panel, "label": label, "seed": seed_of(r), "run": str(r.out),
+                            **metric_row(m), "best_epoch": m["best_epoch"]})
     return out
 
 
@@ -231,25 +229,6 @@ def paired_t(a, b):
     from scipy.stats import ttest_rel
 
     return float(ttest_rel(a, b).pvalue) if len(a) > 1 else float("nan")
-
-
-def summary_table(table, metrics=("HR@10", "nDCG@10", "cold HR@10"), base=None, star=None):
-    """Markdown: one line per label, mean ± std over seeds; Impr. of each label over `base`
-    (nDCG@10); star = (label, p-value) marks the label with ★ when p < 0.05."""
-    head = "| method | seeds | " + " | ".join(metrics) + (" | Impr. nDCG@10 |" if base else " |")
-    lines = [head, "|" + "---|" * (len(metrics) + 2 + bool(base))]
-    for label, rs in table.items():
-        cells = []
-        for metric in metrics:
-            m, s = mean_std([r[metric] for r in rs])
-            mark = "★" if star and star[0] == label and star[1] < 0.05 else ""
-            cells.append(f"{m:.2f} ± {s:.2f}{mark}")
-        impr = ""
-        if base:
-            b, m = (mean_std([r["nDCG@10"] for r in table[x]])[0] for x in (base, label))
-            impr = f" {100 * (m / b - 1):+.1f}% |" if b > 0 else " n/a |"
-        lines.append(f"| {label} | {len(rs)} | " + " | ".join(cells) + " |" + impr)
-    return "\n".join(lines)
 
 
 def by_label(all_rows):
@@ -305,7 +284,7 @@ def bar_figure(panels, path, title, metric="HR@10", groups=None):
 
 
 # fig6: which collaborative table of a run is compared with phase 1's (default: the run's
-# alignment-expert table if it has one, else its ID table; evaluate.ID_TABLES)
+# alignment-expert table if it has one, else its ID table; analysis.ID_TABLES)
 KENDALL_TABLE = {"w/o align (SE-BCE-Tune)": ":experts.id.items.h_c.weight", "Multi-origin": ":experts.id.items.h_c.weight",
                  "Multi-aligned": ":experts.align.items.id.h_c.weight"}
 

@@ -1,20 +1,20 @@
 """Phase 3 of PAD: triple experts with frequency-aware gating, fine-tuned on L_REC
 (Sec. 3.3, Eq. 8-11, Alg. 1 lines 15-23), with the ablations of Sec. 4.7 (Fig. 5b).
 
-    python finetune.py --data ml-100k [--gate freq] [--experts id,align,llm]
+    python finetune.py --data ml-100k [--gate freq] [--experts id,align,llm] [--align PHASE2.pt]
 
 Reads the phase-1 (--pretrain) and phase-2 (--align) checkpoints and writes
-runs/NAME/finetune_BACKBONE_GATE_EXPERTS_seedS.pt with a metrics .json, which also holds
-the mean gate probability of each expert per frequency bucket on the test users.
+runs/NAME/finetune_BACKBONE_GATE_EXPERTS_KERNEL_ANCHOR_gammaG_seedS.pt (the last three name the
+phase-2 run it started from; absent without the alignment expert) with a metrics .json,
+which also holds the mean gate probability of each expert per frequency bucket on the test users.
 """
 import argparse
 
 import torch
 
-from evaluate import protocol, split_sequences
+from dataset import DEFAULT_ALIGN, align_tag, run_path, split_sequences
 from models import BACKBONES, EXPERTS, GATES, build_model, check_checkpoint, model_from_checkpoint, read_checkpoint
-from prepare_data import load_dataset
-from pretrain import add_training_args, finish, fit, is_main_process, resolve_device
+from trainer import add_training_args, finish, fit, is_main_process, reuse_finished, setup
 
 
 def parse_experts(text):
@@ -30,26 +30,34 @@ def main():
     p.add_argument("--backbone", default="sasrec", choices=BACKBONES, help="backbone of the phase-1/2 checkpoints")
     p.add_argument("--pretrain", default=None, help="phase-1 checkpoint (ID expert); default runs/NAME/pretrain_BACKBONE_seedS.pt")
     p.add_argument("--align", default=None,
-                   help="phase-2 checkpoint (alignment expert); default runs/NAME/align_BACKBONE_gaussian_rec_gamma0.1_seedS.pt")
-    p.add_argument("--experts", type=parse_experts, default=EXPERTS, help="experts kept, of id,align,llm (Eq. 8-10); paper: all three")
+                   help="phase-2 checkpoint (alignment expert); default the align.py run with its default flags, "
+                        "runs/NAME/align_BACKBONE_gaussian_rec_gamma0.1_seedS.pt")
+    p.add_argument("--experts", type=parse_experts, default=list(EXPERTS), help="experts kept, of id,align,llm (Eq. 8-10); paper: all three")
     p.add_argument("--gate", default="freq", choices=GATES,
                    help="freq: Eq. (11) on bucket b(i) and expert state (paper); bucket: authors' release; none: one global weight per expert")
     args = p.parse_args()
 
-    torch.manual_seed(args.seed)
-    device = resolve_device(args.device)
-    data = load_dataset(args.data)
+    data, device = setup(args)
     name = data["name"]
-    paths = {"id": args.pretrain or f"runs/{name}/pretrain_{args.backbone}_seed{args.seed}.pt",
-             "align": args.align or f"runs/{name}/align_{args.backbone}_gaussian_rec_gamma0.1_seed{args.seed}.pt"}
-    ckpts = {k: read_checkpoint(paths[k]) for k in ("id", "align") if k in args.experts or k == "id"}
+    args.pretrain = str(args.pretrain or run_path(name, "pretrain", backbone=args.backbone, seed=args.seed))
+    if "align" in args.experts:
+        args.align = str(args.align or run_path(name, "align", backbone=args.backbone, seed=args.seed, **DEFAULT_ALIGN))
+    else:
+        args.align = None
+    paths = {"id": args.pretrain, "align": args.align}
+    ckpts = {k: read_checkpoint(paths[k]) for k in ("id", "align") if paths[k]}
     # every expert takes phase 1's encoder configuration, so phase 1 is checked even without the ID expert
     check_checkpoint(ckpts["id"], data, paths["id"], phase=1, backbone=args.backbone)
+    tag = ""
     if "align" in ckpts:
         check_checkpoint(ckpts["align"], data, paths["align"], phase=2, backbone=args.backbone, like=ckpts["id"]["model_args"])
+        tag = align_tag(*(ckpts["align"]["args"][k] for k in ("kernel", "anchor", "gamma")))
+    out = args.out or run_path(name, "finetune", backbone=args.backbone, gate=args.gate, experts=args.experts,
+                               align=tag, seed=args.seed)
+    if reuse_finished(out, data, args):
+        return
     model_args = {**ckpts["id"]["model_args"], "kind": "pad", "experts": list(args.experts), "gate": args.gate}
     model_args.pop("expert")
-    out = args.out or f"runs/{name}/finetune_{args.backbone}_{args.gate}_{'-'.join(args.experts)}_seed{args.seed}.pt"
 
     # --- Eq. (8)-(10): ID expert from phase 1, alignment expert from phase 2, new LLM expert ---
     model = build_model(model_args, data)
@@ -60,7 +68,6 @@ def main():
     model.to(device)
 
     # --- Eq. (11): Phi = sum_k g_k(b(i), h_k) o_k, trained with BCE on Phi (MMD removed) ---
-    print(protocol(data, "valid", 10))
     print(f"phase 3: experts {','.join(args.experts)}, gate {args.gate}, from {', '.join(paths[k] for k in ckpts)}")
     model, log = fit(model, data, args, out)
     if not is_main_process():  # under torchrun, rank 0 tests and writes
@@ -75,7 +82,7 @@ def main():
         print(f"{b:6d} " + " ".join(f"{v:6.3f}" for v in row))
     finish(model, model_args, data, args, 3, log, out,
            extra={"gate_per_bucket": {b: dict(zip(args.experts, row)) for b, row in enumerate(gate.tolist(), start=1)},
-                  "init": paths})
+                  "init": {k: paths[k] for k in ckpts}})
 
 
 if __name__ == "__main__":

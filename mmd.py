@@ -17,8 +17,9 @@ data-driven bandwidth:
     sigma_u^2 = 2^{s_u} * mean_{i,j} ||z_i - z_j||^2   over all N x N pairs, diagonal included,
 
 recomputed on every batch and detached from the graph. Weights: beta_u = 1 for every u,
-so sum_u beta_u = d = K in Eq. (3): TLlib adds its kernels up, and the paper's gamma = 0.1
-goes with that scale. Pass beta to choose others (beta_u = 1/K gives d = 1).
+so sum_u beta_u = d = K in Eq. (3): TLlib adds its kernels up, and align.py's gamma goes
+with that scale (the paper gives no gamma; the authors' release uses 0.2). Pass beta to
+choose others (beta_u = 1/K gives d = 1).
 The Laplacian family (Eq. 17), for which the paper gives no sigma, uses the same rule with
 the mean L1 distance.
 

@@ -7,9 +7,10 @@
 
 Shapes: B = batch of users, L = input window (20), d = hidden size (128), N = number of
 items (ids 1..N, 0 is padding), K = number of experts, d_text = text embedding size.
-Every model exposes the same two calls used by the phase scripts and by evaluate.py:
-    bce_logits(seq, pos, neg) -> (pos_logits, neg_logits), both (B, L)   # Eq. (1) / (6)
-    full_scores(seq)          -> (B, N+1) scores of every item after the last position
+Every model exposes the same calls, used by the phase scripts, evaluate.py and serve.py:
+    bce_logits(seq, pos, neg)   -> (pos_logits, neg_logits), both (B, L)   # Eq. (1) / (6)
+    item_tables()               -> K x (N+1, d) item representations, one per expert
+    full_scores(seq, tables)    -> (B, N+1) scores of every item after the last position
 """
 import math
 
@@ -175,8 +176,9 @@ class IDItems(nn.Module):
 
 class AlignedItems(nn.Module):
     """The alignment expert's item representation (Eq. 6, 9): the ID embedding h^c_a and
-    the reduced text embedding h^s_a fused as GELU(Linear([h^c_a ; h^s_a])), as in the
-    authors' release. `parts` gives both halves for the MK-MMD of Eq. (5)."""
+    the reduced text embedding h^s_a fused as GELU(Linear([h^c_a ; h^s_a])). `parts` gives
+    both halves for the MK-MMD of Eq. (5).
+    DEVIATION: the authors' release puts dropout 0.1 before the Linear layer; here there is none."""
 
     def __init__(self, n_items, text_emb, d, dropout):
         super().__init__()
@@ -228,12 +230,21 @@ class Expert(nn.Module):
         h = self(seq)  # (B, L, d)
         return (h * self.items(pos)).sum(-1), (h * self.items(neg)).sum(-1)  # (B, L) each
 
-    def full_scores(self, seq):
+    def full_scores(self, seq, tables=None, per_bucket=False):
+        """Scores of every item after the last position, (B, N+1); tables: item_tables(),
+        computed once and passed in when many batches of users are scored. (per_bucket is
+        PAD's serving option; a single expert has no gate.)"""
         h = self(seq)[:, -1]  # (B, d) state after the last item
-        return h @ self.all_items().T  # (B, N+1)
+        table = (tables or self.item_tables())[0]  # (N+1, d)
+        return (h.to(table.dtype) @ table.T).float()  # (B, N+1), float32 even from float16 tables
 
-    def all_items(self):
-        return self.items(torch.arange(self.n_items + 1, device=self.device))  # (N+1, d)
+    def item_tables(self, dtype=None, chunk=65536):
+        """[(N+1, d)]: every item's representation, the same for every user. Items go through
+        in chunks, so an fp16 4096-d text table is never copied whole to float32 (Eq. 7).
+        dtype: storage of the table (default float32; float16 halves what serving reads)."""
+        ids = torch.arange(self.n_items + 1, device=self.device)
+        table = torch.cat([self.items(ids[i:i + chunk]) for i in range(0, len(ids), chunk)])  # (N+1, d)
+        return [table.to(dtype or table.dtype)]
 
     @property
     def device(self):
@@ -330,21 +341,38 @@ class PAD(nn.Module):
     def states(self, seq):
         return [expert(seq) for expert in self.experts.values()]  # K x (B, L, d)
 
-    def fuse(self, h, items):
-        """Eq. (11) for target items (B, L) given expert states K x (B, L, d) -> Phi, (B, L)."""
-        o = torch.stack([(h_k * e.items(items)).sum(-1) for h_k, e in zip(h, self.experts.values())], -1)  # (B, L, K)
-        g = self.gate(self.bucket[items], h)  # (B, L, K)
-        return (g * o).sum(-1)
+    # --- Eq. (11): Phi = sum_k g_k(b(i), h_k) * o_k, the one place the experts are fused ---
+    def fuse(self, o, h, bucket, per_bucket=False):
+        """Eq. (11) for target items whose buckets b(i) are `bucket` (B, T): expert logits
+        o = K x (B, T), expert states h = K x (B, T or 1, d) -> Phi, (B, T).
+
+        per_bucket (serving): the gate g_k(b, h_k) is evaluated once per bucket b, (B, B_b+1, K),
+        and looked up per item, so memory is O(B x T) instead of O(B x T x K); vectorised exp and
+        division then round differently in the last bit."""
+        if not per_bucket:
+            g = self.gate(bucket, h)  # (B, T, K)
+            return (g * torch.stack(o, -1)).sum(-1)
+        buckets = torch.arange(self.n_buckets + 1, device=bucket.device).expand(len(bucket), -1)  # (B, B_b+1)
+        g = self.gate(buckets, h)  # (B, B_b+1, K)
+        return sum(g[..., k].gather(1, bucket) * o_k for k, o_k in enumerate(o))
 
     def bce_logits(self, seq, pos, neg):
-        h = self.states(seq)
-        return self.fuse(h, pos), self.fuse(h, neg)
+        h = self.states(seq)  # K x (B, L, d)
+        experts = self.experts.values()
+        o_pos = [(h_k * e.items(pos)).sum(-1) for h_k, e in zip(h, experts)]  # K x (B, L): o_k of Eq. (8)-(10)
+        o_neg = [(h_k * e.items(neg)).sum(-1) for h_k, e in zip(h, experts)]
+        return self.fuse(o_pos, h, self.bucket[pos]), self.fuse(o_neg, h, self.bucket[neg])
 
-    def full_scores(self, seq):
+    def full_scores(self, seq, tables=None, per_bucket=False):
+        """Phi for every item after the last position, (B, N+1); tables: item_tables()."""
+        tables = tables or self.item_tables()
         h = [h_k[:, -1] for h_k in self.states(seq)]  # K x (B, d)
-        o = torch.stack([h_k @ e.all_items().T for h_k, e in zip(h, self.experts.values())], -1)  # (B, N+1, K)
-        g = self.gate(self.bucket.expand(len(seq), -1), [h_k[:, None] for h_k in h])  # (B, N+1, K)
-        return (g * o).sum(-1)  # (B, N+1)
+        o = [(h_k.to(t.dtype) @ t.T).float() for h_k, t in zip(h, tables)]  # K x (B, N+1)
+        return self.fuse(o, [h_k[:, None] for h_k in h], self.bucket.expand(len(seq), -1), per_bucket)
+
+    def item_tables(self, dtype=None):
+        """K x (N+1, d): each expert's item representations (Expert.item_tables)."""
+        return [e.item_tables(dtype)[0] for e in self.experts.values()]
 
     def gate_per_bucket(self, seq):
         """Mean gate probability of each expert for a target item of each bucket, (B_buckets, K)."""

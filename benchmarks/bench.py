@@ -1,18 +1,18 @@
 """Speed and memory of PAD on a prepared or synthetic dataset, one JSON line per figure.
 
-    python benchmarks/bench.py --data ml-100k --ckpt runs/ml-100k/finetune_sasrec_freq_id-align-llm_seed0.pt
+    python benchmarks/bench.py --data ml-100k --ckpt runs/ml-100k/finetune_sasrec_freq_id-align-llm_gaussian_rec_gamma0.1_seed0.pt
     python benchmarks/synthetic.py --preset electronics && \\
     python benchmarks/bench.py --data synthetic-electronics --phases 3 --eval-users 2048
 
 Figures (each line: {"figure", "value", "unit", "dataset", "device", "threads", ...}):
-  negatives    seconds of pretrain.fit's per-epoch draw of negatives for every user;
+  negatives    seconds of trainer.fit's per-epoch draw of negatives for every user;
   train        sequences (users) per second of --steps training steps of each phase, with its
-               real loss (pretrain.PhaseLoss; phase 2 adds align.mmd_term), AdamW and negatives;
+               real loss (trainer.PhaseLoss; phase 2 adds align.mmd_term), AdamW and negatives;
   train_peak   peak memory of the draw and the steps (CPU: resident set, CUDA: allocated);
   eval         users per second of evaluate.evaluate(), full ranking of the test split over
                all N items (the first --eval-users users, default all), and its peak memory;
   serve        latency of the top-10 items for a batch of users with the item tables cached
-               (evaluate.item_tables, built once: its time and size are the `serve_cache`
+               (model.item_tables(), built once: its time and size are the `serve_cache`
                figures), p50 and p99 in ms, batch 1 and 256, float32 and float16 tables.
 Models have the default sizes (d = 128, 5 blocks, 2 heads) and random weights unless --ckpt
 names a trained checkpoint (then used for eval and serve): speed does not depend on the
@@ -29,10 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from align import mmd_term  # noqa: E402
-from evaluate import evaluate, history_before_target, item_tables, split_sequences, top_items  # noqa: E402
+from dataset import history_before_target, load_dataset, split_sequences  # noqa: E402
+from evaluate import evaluate  # noqa: E402
 from models import EXPERTS, build_model, model_from_checkpoint, read_checkpoint  # noqa: E402
-from prepare_data import load_dataset  # noqa: E402
-from pretrain import PhaseLoss, resolve_device, sample_negatives  # noqa: E402
+from serve import top_items  # noqa: E402
+from trainer import PhaseLoss, resolve_device, sample_negatives  # noqa: E402
 
 
 # --- Measuring: peak memory and wall time -------------------------------------------------
@@ -70,7 +71,7 @@ def clock(device):
 
 def phase_model(phase, data, args):
     """Phase 1: the ID expert; 2: the alignment expert; 3: PAD with all experts, freq gate."""
-    cfg = {"backbone": args.backbone, "d": 128, "L": data["seqs"].shape[1] - 3, "n_blocks": 5, "n_heads": 2,
+    cfg = {"backbone": args.backbone, "d": 128, "L": data["max_len"] - 3, "n_blocks": 5, "n_heads": 2,
            "dropout": 0.1}
     model_args = ({"kind": "pad", "experts": list(EXPERTS), "gate": "freq", **cfg} if phase == 3 else
                   {"kind": "expert", "expert": "id" if phase == 1 else "align", **cfg})
@@ -79,7 +80,7 @@ def phase_model(phase, data, args):
 
 def train_figures(phase, data, args, device, emit):
     """--steps training steps of a phase on random batches of --batch-size users, after
-    --warmup steps; each step as in pretrain.fit: negatives, loss, backward, AdamW."""
+    --warmup steps; each step as in trainer.fit: negatives, loss, backward, AdamW."""
     torch.manual_seed(0)
     model = phase_model(phase, data, args).to(device).train()
     extra = mmd_term(argparse.Namespace(kernel="gaussian", gamma=0.1, anchor="rec", mmd_sample=512)) if phase == 2 else None
@@ -134,7 +135,7 @@ def serve_figures(model, phase, data, args, device, emit):
         name = str(dtype).removeprefix("torch.")
         reset_peak(device)
         start = clock(device)
-        tables = item_tables(model, dtype)
+        tables = model.item_tables(dtype)
         emit("serve_cache", clock(device) - start, "s", phase=phase, dtype=name,
              size_mib=round(sum(t.numel() * t.element_size() for t in tables) / 2 ** 20, 1))
         for batch, repeats in ((1, args.serve_repeats), (256, max(5, args.serve_repeats // 10))):

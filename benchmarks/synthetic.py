@@ -9,7 +9,7 @@ Users get 5 to 23 items (Appendix A: at least 5 interactions, the latest L + 3 =
 5 + a geometric number with the preset's mean interactions per user. Items are drawn with
 a Zipf-like long tail, P(item of popularity rank r) ∝ r^-alpha, after every item has been
 placed once, so that ids 1..N all occur as in a prepared dataset; frequencies and buckets
-then come from prepare_data.py's own functions. The text table is random normal noise
+then come from dataset.py's own functions. The text table is random normal noise
 (fp16 when d_text >= 1024, like LLM2Vec's 4096-d table): ranking metrics on these data
 mean nothing, only time and memory do.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prepare_data import (atomic_save, atomic_write_text, bucket_table, fingerprint, frequency_buckets,  # noqa: E402
-                          item_frequency)
+from dataset import (atomic_save, atomic_write_text, bucket_table, fingerprint, frequency_buckets,  # noqa: E402
+                     item_frequency)
 
 # Table 1 of the paper; d_text 4096 is LLM2Vec on Llama-3-8B (Sec. 3.1)
 PRESETS = {
@@ -63,7 +63,7 @@ def text_table(items, d_text, generator, chunk=65536):
 
 
 def make_dataset(name, users, items, interactions, d_text, alpha=0.8, n_buckets=10, seed=0):
-    """A dataset dict with every key load_dataset() checks (prepare_data.CONTRACT_KEYS)."""
+    """A dataset dict with every key load_dataset() checks (dataset.CONTRACT_KEYS)."""
     if items < 1 or users < 1:
         raise SystemExit(f"--users {users} --items {items}: both must be >= 1")
     g = torch.Generator().manual_seed(seed)

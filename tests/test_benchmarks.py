@@ -12,7 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from prepare_data import fingerprint, frequency_buckets, item_frequency, load_dataset  # noqa: E402
+from dataset import fingerprint, frequency_buckets, item_frequency, load_dataset  # noqa: E402
 from synthetic import PRESETS, make_dataset  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -50,11 +50,27 @@ def test_synthetic_dataset_follows_the_format_and_protocol(tiny):
     assert freq[:20].sum() > 0.3 * freq.sum()  # long tail: the top 10% of items hold > 30% of interactions
 
 
-def test_presets_are_table_1_and_scale_down():
-    assert PRESETS["electronics"]["users"] == 598307 and PRESETS["electronics"]["items"] == 423191
-    assert PRESETS["mind"]["items"] == 79707 and PRESETS["mind"]["d_text"] == 4096
+PAPER = ROOT.parent / "shared" / "paper" / "PAD.md"
+
+
+@pytest.mark.skipif(not PAPER.is_file(), reason=f"{PAPER} not found: the paper sits in ../shared beside the repository")
+def test_presets_are_the_papers_table_1():
+    rows = {}
+    for line in PAPER.read_text().splitlines():  # Table 1: "Dataset<TAB>Users<TAB>Items<TAB>Interactions"
+        cells = line.split("\t")
+        if len(cells) == 4 and cells[0] in ("MIND", "Electronics", "Prime Pantry"):
+            rows[cells[0]] = [int(c.replace(",", "")) for c in cells[1:]]
+    assert len(rows) == 3
+    for preset, name in (("mind", "MIND"), ("electronics", "Electronics"), ("pantry", "Prime Pantry")):
+        assert [PRESETS[preset][k] for k in ("users", "items", "interactions")] == rows[name]
+
+
+def test_make_dataset_has_the_sizes_asked_for():
     data = make_dataset("s", 600, 420, 5137, 8)  # Electronics / 1000
-    assert data["n_items"] == 420 and data["text_emb"].dtype == torch.float32  # d_text < 1024 stays float32
+    lengths = (data["seqs"] > 0).sum(1)
+    assert data["seqs"].shape[0] == 600 and data["n_items"] == 420
+    assert abs(int(lengths.sum()) - 5137) < 0.1 * 5137  # interactions near the target (lengths cut at 23)
+    assert data["text_emb"].dtype == torch.float32  # d_text < 1024 stays float32
     assert torch.equal(make_dataset("s", 600, 420, 5137, 8)["seqs"], data["seqs"])  # seeded
 
 

@@ -13,8 +13,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from prepare_data import atomic_save  # noqa: E402
-from pretrain import shard  # noqa: E402
+from dataset import atomic_save  # noqa: E402
+from trainer import shard  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

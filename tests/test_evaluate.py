@@ -1,7 +1,7 @@
-"""Tests of evaluate.py: full-ranking HR@k / nDCG@k against plain python loops on random
-scores, the splits of Appendix A on a hand-written sequence, chunked evaluation with a fake
-model, the warm / median / cold groups, the seeds table, and Kendall's tau (Eq. 13) against
-scipy and a loop, and top-k recommendation."""
+"""Tests of evaluate.py (and dataset.py's splits): full-ranking HR@k / nDCG@k against plain
+python loops on random scores under both rules for repeated targets, the splits of Appendix A
+on a hand-written sequence, chunked evaluation with a fake model, the warm / median / cold
+groups, the seeds table, and the item tables evaluation caches (Eq. 11 from cached tables)."""
 import json
 import math
 import os
@@ -13,9 +13,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from evaluate import (behaviour_target_pairs, bucket_groups, comparison_table, embedding_kendall_tau,  # noqa: E402
-                      evaluate, history_before_target, hr_ndcg, kendall_tau, recommend, split_sequences,
-                      summarise, target_ranks)
+from dataset import bucket_groups, history_before_target, split_sequences  # noqa: E402
+from evaluate import evaluate, hr_ndcg, metric_row, summarise, summary_table, target_ranks  # noqa: E402
 
 
 def gen(seed):
@@ -25,9 +24,12 @@ def gen(seed):
 # --- Plain-loop references ---------------------------------------------------------------
 
 
-def loop_rank(scores, target, history):
+def loop_rank(scores, target, history, keep_repeats=False):
     """0-based rank of `target` in one row of scores over items 1..N: items of the history
-    and the padding id 0 are left out, the target always stays; ties rank above it."""
+    and the padding id 0 are left out; ties rank above it. A target that is also a history
+    item is left out with it (rank N+1, a miss) unless keep_repeats."""
+    if target in history and not keep_repeats:
+        return len(scores)
     hidden = set(history) | {0}
     s_t = scores[target]
     return sum(1 for j in range(len(scores)) if j != target and j not in hidden and scores[j] >= s_t)
@@ -54,25 +56,29 @@ def random_case(U, N, H, seed, ties):
 # --- target_ranks and hr_ndcg ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("seed", range(3))
-def test_ranks_and_metrics_match_loop(seed, ties):
+def test_ranks_and_metrics_match_loop(seed, ties, keep):
     U, N, H, k = 50, 40, 12, 10
     scores, target, history = random_case(U, N, H, seed, ties)
-    ranks = target_ranks(scores, target, history)
+    ranks = target_ranks(scores, target, history, keep)
     hit, ndcg = hr_ndcg(ranks, k)
     for u in range(U):
-        r = loop_rank(scores[u].tolist(), int(target[u]), history[u].tolist())
+        r = loop_rank(scores[u].tolist(), int(target[u]), history[u].tolist(), keep)
         assert int(ranks[u]) == r
         h_ref, n_ref = loop_metrics(r, k)
         assert math.isclose(float(hit[u]), h_ref) and math.isclose(float(ndcg[u]), n_ref, rel_tol=1e-6)
 
 
-def test_target_in_history_stays_ranked():
+def test_repeated_target_is_a_miss_unless_kept():
     scores = torch.tensor([[9.0, 5.0, 4.0, 3.0, 2.0]])  # item 0 (padding) scores highest
     target, history = torch.tensor([3]), torch.tensor([[0, 3, 1]])  # target 3 was seen earlier
-    # items 1 (history) and 0 (padding) are masked, 3 is kept: only item 2 is above it
-    assert target_ranks(scores, target, history).tolist() == [1]
+    # the authors' rule: 3 is masked with the rest of the history, so it is never in any top k
+    assert target_ranks(scores, target, history).tolist() == [5]
+    assert hr_ndcg(target_ranks(scores, target, history), 4)[0].item() == 0.0
+    # kept: items 1 (history) and 0 (padding) are masked, 3 is ranked: only item 2 is above it
+    assert target_ranks(scores, target, history, keep_repeats=True).tolist() == [1]
 
 
 def test_ties_count_against_target():
@@ -141,7 +147,10 @@ class FixedScores(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(1))
         self.inputs, self.scores, self.chunks = inputs, scores, []
 
-    def full_scores(self, seq):
+    def item_tables(self):
+        return []
+
+    def full_scores(self, seq, tables, per_bucket=False):
         assert not self.training
         self.chunks.append(len(seq))
         user = (seq[:, None, :] == self.inputs[None]).all(-1).float().argmax(1)  # (b,)
@@ -158,12 +167,12 @@ def fake_dataset(U, N, n_buckets, seed):
     return {"seqs": seqs, "item_bucket": item_bucket, "n_buckets": n_buckets, "n_items": N, "name": "fake"}
 
 
-def loop_summary(data, scores, split, k):
+def loop_summary(data, scores, split, k, keep):
     inputs, targets = split_sequences(data["seqs"], split)
     history = history_before_target(data["seqs"], split)
     per_user = []
     for u in range(len(inputs)):
-        r = loop_rank(scores[u].tolist(), int(targets[u]), history[u].tolist())
+        r = loop_rank(scores[u].tolist(), int(targets[u]), history[u].tolist(), keep)
         per_user.append((int(data["item_bucket"][targets[u]]), *loop_metrics(r, k)))
     return per_user
 
@@ -184,8 +193,9 @@ def assert_same(m, ref, k):
             assert math.isclose(m[key], ref[key], rel_tol=1e-5, abs_tol=1e-4)
 
 
+@pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("split", ["valid", "test"])
-def test_evaluate_chunked_matches_loop(split):
+def test_evaluate_chunked_matches_loop(split, keep):
     U, N, B, k = 37, 30, 10, 10
     data = fake_dataset(U, N, B, seed=1)
     inputs, _ = split_sequences(data["seqs"], split)
@@ -193,12 +203,12 @@ def test_evaluate_chunked_matches_loop(split):
     scores = torch.randint(0, 6, (U, N + 1), generator=gen(2)).float()  # ties included
     model = FixedScores(inputs, scores)
     model.train()
-    m = evaluate(model, data, split, k, batch_size=8)  # 8 does not divide 37
+    m = evaluate(model, data, split, k, batch_size=8, keep_repeats=keep)  # 8 does not divide 37
     assert model.chunks == [8, 8, 8, 8, 5] and model.training  # chunked, mode restored
-    same = evaluate(model, data, split, k, batch_size=1000)
+    same = evaluate(model, data, split, k, batch_size=1000, keep_repeats=keep)
     assert json.dumps(same, sort_keys=True) == json.dumps(m, sort_keys=True)  # chunking changes nothing (NaN too)
 
-    rows = loop_summary(data, scores, split, k)
+    rows = loop_summary(data, scores, split, k, keep)
     assert_same(m, mean_of(rows, k), k)
     for b in range(1, B + 1):
         assert_same(m["buckets"][b], mean_of([r for r in rows if r[0] == b], k), k)
@@ -227,110 +237,42 @@ def test_bucket_groups_partition(n_buckets):
     assert sum(out["buckets"][b]["users"] for b in range(1, n_buckets + 1)) == 50
 
 
-# --- comparison_table: mean ± std over seeds and the relative improvement ----------------
+# --- summary_table: mean ± std over seeds and the relative improvement ---------------------
 
 
-def metrics_json(path, hr, ndcg, cold_hr):
+def metrics_json(hr, ndcg, cold_hr):
     groups = {g: {"users": 1, "HR@10": hr, "nDCG@10": ndcg} for g in ("warm", "median")}
     groups["cold"] = {"users": 1, "HR@10": cold_hr, "nDCG@10": 0.0}
-    path.write_text(json.dumps({"test": {"users": 3, "HR@10": hr, "nDCG@10": ndcg, "groups": groups}}))
-    return str(path)
+    return {"test": {"users": 3, "HR@10": hr, "nDCG@10": ndcg, "groups": groups}}
 
 
 def table_cells(table):
     rows = {}
     for line in table.splitlines()[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[(cells[0], cells[1])] = cells[2:]
+        rows[cells[0]] = cells[1:]
     return rows
 
 
-def test_comparison_table(tmp_path):
-    base = [metrics_json(tmp_path / "s0.json", 10.0, 4.0, 2.0), metrics_json(tmp_path / "s1.json", 14.0, 6.0, 4.0)]
-    pad = [metrics_json(tmp_path / "p0.json", 15.0, 5.0, 3.0), metrics_json(tmp_path / "p1.json", 15.0, 7.0, 6.0),
-           metrics_json(tmp_path / "p2.json", 15.0, 6.0, 6.0)]
-    table = comparison_table({"SASRec": base, "PAD": pad})
-    assert "SASRec (n=2)" in table.splitlines()[0] and "PAD (n=3)" in table.splitlines()[0]
+def test_summary_table():
+    base = [metric_row(metrics_json(10.0, 4.0, 2.0)), metric_row(metrics_json(14.0, 6.0, 4.0))]
+    pad = [metric_row(metrics_json(h, n, c)) for h, n, c in ((15.0, 5.0, 3.0), (15.0, 7.0, 6.0), (15.0, 6.0, 6.0))]
+    table = summary_table({"SASRec": base, "PAD": pad}, ("HR@10", "nDCG@10", "cold HR@10", "cold nDCG@10"), base="SASRec")
+    assert table.splitlines()[0] == "| method | seeds | HR@10 | nDCG@10 | cold HR@10 | cold nDCG@10 | Impr. nDCG@10 |"
     rows = table_cells(table)
-    assert set(rows) == {(g, m) for g in ("overall", "warm", "median", "cold") for m in ("HR@10", "nDCG@10")}
 
     def cell(values):
         return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
-    assert rows[("overall", "HR@10")] == [cell([10, 14]), cell([15, 15, 15]), "+25.0%"]
-    assert rows[("overall", "nDCG@10")] == [cell([4, 6]), cell([5, 7, 6]), "+20.0%"]
-    assert rows[("warm", "HR@10")] == rows[("overall", "HR@10")]
-    assert rows[("cold", "HR@10")] == [cell([2, 4]), cell([3, 6, 6]), "+66.7%"]
-    assert rows[("cold", "nDCG@10")][2] == "n/a"  # base mean 0: no relative improvement
-    one = table_cells(comparison_table({"A": base[:1], "B": pad[:1]}))
-    assert one[("overall", "HR@10")] == ["10.00 ± 0.00", "15.00 ± 0.00", "+50.0%"]  # one seed: std 0
+    assert rows["SASRec"] == ["2", cell([10, 14]), cell([4, 6]), cell([2, 4]), "0.00 ± 0.00", "+0.0%"]
+    assert rows["PAD"] == ["3", cell([15, 15, 15]), cell([5, 7, 6]), cell([3, 6, 6]), "0.00 ± 0.00", "+20.0%"]
+    one = table_cells(summary_table({"A": base[:1], "B": pad[:1]}, base="A", star=("B", 0.01)))
+    assert one["B"] == ["1", "15.00★", "5.00★", "3.00★", "+25.0%"]  # one seed: no spread printed
+    zero = table_cells(summary_table({"A": [{**base[0], "nDCG@10": 0.0}], "B": pad[:1]}, base="A"))
+    assert zero["B"][-1] == "n/a"  # base mean 0: no relative improvement
 
 
-# --- Eq. (13): Kendall's tau ---------------------------------------------------------------
-
-
-def test_kendall_tau_equals_scipy():
-    scipy_stats = pytest.importorskip("scipy.stats")
-    for seed in range(3):
-        a = torch.randn(300, generator=gen(seed))
-        b = a + torch.randn(300, generator=gen(seed + 10))  # correlated, no ties
-        assert kendall_tau(a, b, chunk=37) == pytest.approx(scipy_stats.kendalltau(a, b).statistic, abs=1e-12)
-        a, b = a.round(), b.round()  # many ties in each and in both
-        assert kendall_tau(a, b, chunk=37) == pytest.approx(scipy_stats.kendalltau(a, b).statistic, abs=1e-12)
-
-
-def test_kendall_tau_is_eq13_by_loop():
-    a = torch.randint(0, 4, (40,), generator=gen(1)).double()
-    b = torch.randint(0, 4, (40,), generator=gen(2)).double()
-    conc = disc = untied_a = untied_b = 0
-    for j in range(40):
-        for k in range(j + 1, 40):
-            s = (a[j] - a[k]).sign() * (b[j] - b[k]).sign()
-            conc, disc = conc + int(s > 0), disc + int(s < 0)
-            untied_a, untied_b = untied_a + int(a[j] != a[k]), untied_b + int(b[j] != b[k])
-    assert kendall_tau(a, b, chunk=7) == pytest.approx((conc - disc) / math.sqrt(untied_a * untied_b), abs=1e-12)
-    assert kendall_tau(a, a) == pytest.approx(1.0) and kendall_tau(a, -a) == pytest.approx(-1.0)
-
-
-def test_behaviour_target_pairs_match_a_loop():
-    seqs = torch.tensor([[0, 0, 0, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8]])  # width L+3 = 8
-    behaviour, target = behaviour_target_pairs(seqs)
-    expected = [(row[s], row[t]) for row in seqs.tolist() for s in range(6) for t in range(s + 1, 6) if row[s] and row[t]]
-    assert list(zip(behaviour.tolist(), target.tolist())) == expected  # training part only: items 1..l-2
-
-
-def test_embedding_kendall_tau_across_dimensions():
-    seqs = torch.randint(1, 31, (50, 23), generator=gen(3))
-    bucket = torch.randint(1, 4, (31,), generator=gen(4))
-    e = torch.randn(31, 8, generator=gen(5))
-    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen(6), dtype=torch.float64))
-    wider = 3 * torch.cat([e.double(), torch.zeros(31, 8, dtype=torch.float64)], 1) @ q.T  # (31, 16): same order of distances
-    same = embedding_kendall_tau(e, wider, seqs, bucket, 3)
-    assert all(t == pytest.approx(1.0, abs=1e-9) for t in same.values())
-    noise = embedding_kendall_tau(e, torch.randn(31, 5, generator=gen(7)), seqs, bucket, 3)
-    assert all(abs(t) < 0.3 for t in noise.values())
-
-
-# --- Serving: recommend ------------------------------------------------------------------
-
-
-def test_recommend_is_topk_of_the_scores_without_history():
-    N, L = 40, 5
-    history = [3, 17, 8, 3, 25, 9, 11]  # longer than L, with a repeat
-    scores = torch.randn(1, N + 1, generator=gen(8))
-    window = torch.tensor([[8, 3, 25, 9, 11]])  # the last L items
-    model = FixedScores(window, scores).eval()
-    data = {"seqs": torch.zeros(1, L + 3, dtype=torch.long), "n_items": N,
-            "raw_ids": [""] + [f"r{i}" for i in range(1, N + 1)], "titles": [""] + [f"t{i}" for i in range(1, N + 1)]}
-    got = recommend(model, data, history, k=6)
-    expected = sorted((i for i in range(1, N + 1) if i not in history), key=lambda i: -scores[0, i].item())[:6]
-    assert [i for i, *_ in got] == expected
-    assert got[0][1:3] == (f"r{expected[0]}", f"t{expected[0]}")
-    assert got[0][3] == pytest.approx(scores[0, expected[0]].item())
-    assert len(recommend(model, data, history, k=1000)) == N - len(set(history))  # never padding or history
-
-
-# --- Serving from cached item tables -----------------------------------------------------
+# --- The item tables evaluation computes once (Eq. 11 from cached tables) -------------------
 
 
 def tiny_model(kind, gate="freq", N=57, seed=0):
@@ -356,40 +298,20 @@ def tiny_model(kind, gate="freq", N=57, seed=0):
 @pytest.mark.parametrize("kind,gate", [("id", None), ("align", None), ("llm", None), (("id", "align", "llm"), "freq"),
                                        (("id", "align", "llm"), "bucket"), (("id", "align", "llm"), "none"),
                                        (("align", "llm"), "freq")])
-def test_cached_tables_give_full_scores_bit_for_bit(kind, gate):
-    from evaluate import item_tables, scores_from_tables
-
+def test_item_tables_chunked_give_full_scores_bit_for_bit(kind, gate):
+    """Items through f_MLP in chunks (a 4096-d fp16 table is never copied whole to float32)
+    give the same scores, bit for bit in float32; float16 tables and serving's per-bucket gate
+    agree within their rounding."""
     model = tiny_model(kind, gate)
     seq = torch.randint(0, 58, (9, 6), generator=gen(3))
     seq[0, :4] = 0  # a left-padded window
+    experts = list(model.experts.values()) if hasattr(model, "experts") else [model]
     with torch.no_grad():
         want = model.full_scores(seq)  # (9, N+1)
-        assert torch.equal(scores_from_tables(model, item_tables(model), seq), want)
-        assert torch.equal(scores_from_tables(model, item_tables(model, chunk=10), seq), want)  # items in chunks
-        lean = scores_from_tables(model, item_tables(model), seq, gate_per_bucket=True)  # serving's O(B x N) gate
-        half = scores_from_tables(model, item_tables(model, torch.float16), seq, gate_per_bucket=True)
+        chunked = [e.item_tables(chunk=10)[0] for e in experts]
+        assert all(torch.equal(a, b) for a, b in zip(chunked, model.item_tables()))
+        assert torch.equal(model.full_scores(seq, chunked), want)
+        lean = model.full_scores(seq, per_bucket=True)  # serving's O(B x N) gate
+        half = model.full_scores(seq, model.item_tables(torch.float16), per_bucket=True)
     assert torch.allclose(lean, want, rtol=1e-6, atol=1e-6)
     assert half.dtype == torch.float32 and torch.allclose(half, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
-    model.train()
-    with pytest.raises(ValueError, match="eval"):
-        item_tables(model)  # dropout would enter the tables
-
-
-def test_top_items_and_recommend_with_cached_tables():
-    from evaluate import item_tables, top_items
-
-    model = tiny_model(("id", "align", "llm"))
-    seq = torch.randint(1, 58, (4, 6), generator=gen(4))
-    exclude = torch.cat([seq, torch.zeros(4, 2, dtype=torch.long)], 1)  # history with padding
-    scores, items = top_items(model, item_tables(model), seq, exclude, 5)
-    with torch.no_grad():
-        full = model.full_scores(seq)
-    for u in range(4):
-        allowed = [i for i in range(1, 58) if i not in seq[u].tolist()]
-        assert items[u].tolist() == sorted(allowed, key=lambda i: -full[u, i].item())[:5]
-        assert torch.allclose(scores[u], full[u, items[u]], rtol=1e-6, atol=1e-6)
-    data = {"seqs": torch.zeros(1, 9, dtype=torch.long), "n_items": 57,
-            "raw_ids": [""] + [f"r{i}" for i in range(1, 58)], "titles": [""] + [f"t{i}" for i in range(1, 58)]}
-    history = seq[0].tolist()
-    assert recommend(model, data, history, 5, item_tables(model)) == recommend(model, data, history, 5)
-    assert [i for i, *_ in recommend(model, data, history, 5)] == items[0].tolist()

@@ -1,4 +1,4 @@
-"""Fault injection (issue 8): each test breaks one thing on purpose and checks that the
+"""Fault injection: each test breaks one thing on purpose and checks that the
 program says what and where in one line, exits != 0, never runs pickled code and never
 loses a finished epoch.
 
@@ -28,9 +28,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import prepare_data
-from evaluate import split_sequences
 from models import read_checkpoint
-from prepare_data import PrepareError, atomic_save, load_dataset
+import dataset
+from dataset import atomic_save, load_dataset, split_sequences
+from prepare_data import PrepareError
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -43,7 +44,7 @@ SCRIPTS = ("pretrain", "align", "finetune")
 CHILD = r"""
 import importlib, io, sys, time
 import torch
-import pretrain
+import trainer
 mode, n, script, calls = sys.argv[1], int(sys.argv[2]), sys.argv[3], [0]
 if mode == "half-save":  # the n-th torch.save writes half its bytes, then waits to be killed
     save = torch.save
@@ -59,11 +60,11 @@ if mode == "half-save":  # the n-th torch.save writes half its bytes, then waits
         time.sleep(300)
     torch.save = half_save
 elif mode == "nan-loss":  # the n-th mini-batch's BCE is NaN
-    bce = pretrain.bce_loss
+    bce = trainer.bce_loss
     def nan_bce(*a):
         calls[0] += 1
         return bce(*a) * (float("nan") if calls[0] == n else 1.0)
-    pretrain.bce_loss = nan_bce
+    trainer.bce_loss = nan_bce
 sys.argv = [f"{script}.py", *sys.argv[4:]]
 importlib.import_module(script).main()
 """
@@ -116,13 +117,13 @@ def make_dataset(folder, users=U, seed=0):
     seqs, stats = prepare_data.build_sequences(user, item, np.array([t for *_, t in log], dtype=float), 5, 23)
     seqs, raw_index = prepare_data.remap_items(seqs, len(raw))
     seqs, n = torch.from_numpy(seqs), len(raw_index)
-    freq = prepare_data.item_frequency(seqs, n)
+    freq = dataset.item_frequency(seqs, n)
     text_emb = torch.randn(n + 1, 32, generator=torch.Generator().manual_seed(seed))
     text_emb[0] = 0
     data = {"name": Path(folder).name, "seqs": seqs, "max_len": 23, "n_items": n, "item_freq": freq,
-            "item_bucket": prepare_data.frequency_buckets(freq, 10), "n_buckets": 10, "text_emb": text_emb,
+            "item_bucket": dataset.frequency_buckets(freq, 10), "n_buckets": 10, "text_emb": text_emb,
             "titles": [""] + [f"item {raw[k]}" for k in raw_index], "raw_ids": [""] + [raw[k] for k in raw_index],
-            "encoder": {"name": "random"}, "stats": stats, "fingerprint": prepare_data.fingerprint(seqs, n)}
+            "encoder": {"name": "random"}, "stats": stats, "fingerprint": dataset.fingerprint(seqs, n)}
     atomic_save(data, Path(folder) / "dataset.pt")
     return Path(folder)
 
@@ -255,8 +256,8 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     ckpt = {"phase": 1, "model_args": {}, "state": {}, "fingerprint": "x", "payload": Payload(marker)}
     torch.save(ckpt, tmp_path / "pretrain.pt")
-    dataset = {k: 0 for k in prepare_data.CONTRACT_KEYS} | {"payload": Payload(marker)}
-    torch.save(dataset, tmp_path / "dataset.pt")
+    contents = {k: 0 for k in dataset.CONTRACT_KEYS} | {"payload": Payload(marker)}
+    torch.save(contents, tmp_path / "dataset.pt")
     one_line_exit(lambda: read_checkpoint(tmp_path / "pretrain.pt"), "pretrain.pt", "not a readable PAD checkpoint")
     one_line_exit(lambda: load_dataset(tmp_path / "dataset.pt"), "dataset.pt is unreadable", "prepare_data.py")
     assert not marker.exists()
@@ -351,13 +352,13 @@ def test_protocol_properties_on_random_logs(log, n_buckets):
     # no leak: training is items 1..l-2 only, and the frequency counts exactly those
     train_in, train_pos = split_sequences(seqs, "train")
     assert torch.equal(train_in, seqs[:, :-3]) and torch.equal(train_pos, seqs[:, 1:-2])
-    freq = prepare_data.item_frequency(seqs, n)  # (N+1,)
+    freq = dataset.item_frequency(seqs, n)  # (N+1,)
     train_counts = Counter(i for row in expected for i in row[:-2])  # valid and test targets left out
     assert freq[0] == 0 and {raw[raw_index[i - 1]]: int(freq[i]) for i in range(1, n + 1) if freq[i]} == train_counts
 
     # buckets partition the items: each item has one b(i) in 1..B, warm to cold, each bucket
     # holding under 1/B of the training interactions plus its coldest counted item
-    bucket = prepare_data.frequency_buckets(freq, n_buckets)  # (N+1,)
+    bucket = dataset.frequency_buckets(freq, n_buckets)  # (N+1,)
     assert bucket[0] == 0 and ((bucket[1:] >= 1) & (bucket[1:] <= n_buckets)).all()
     for b in range(1, n_buckets + 1):
         f, colder = freq[1:][bucket[1:] == b], freq[1:][bucket[1:] > b]

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from evaluate import target_ranks  # noqa: E402
 from models import (BACKBONES, Caser, EXPERTS, GATES, PAD, build_model, make_expert, make_gate,  # noqa: E402
                     model_from_checkpoint, read_checkpoint)
-from pretrain import bce_loss, sample_negatives  # noqa: E402
+from trainer import bce_loss, sample_negatives  # noqa: E402
 
 N, L, D, D_TEXT, N_BUCKETS = 30, 8, 16, 12, 10
 

@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from models import BACKBONES  # noqa: E402
-from prepare_data import atomic_save, fingerprint  # noqa: E402
+from dataset import atomic_save, fingerprint  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
        "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -146,9 +146,11 @@ def phase3(work, dataset, phase1, phase2):
 
 
 def evaluate_cli(*args):
+    """evaluate.py's readable summary (protocol, overall and per bucket), then its --json dict."""
     r = run("evaluate.py", *args)
     assert "full ranking over all 60 items" in r.stdout and "ties count against the target" in r.stdout
-    return json.loads(r.stdout[r.stdout.index("\n{") + 1:])
+    assert "a target repeating one is a miss" in r.stdout and len(r.stdout.splitlines()) == 3 + 10
+    return json.loads(run("evaluate.py", *args, "--json").stdout)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -297,11 +299,15 @@ def test_evaluate_phase3_and_table(phase1, phase3):
     assert m["nDCG@10"] == pytest.approx(metrics["test"]["nDCG@10"], abs=1e-4)
     r = run("evaluate.py", "--table", f"SASRec={phase1['sasrec'][0].with_suffix('.json')}",
             f"PAD={path.with_suffix('.json')}")
-    lines = r.stdout.strip().splitlines()
-    assert "SASRec (n=1)" in lines[0] and "PAD (n=1)" in lines[0] and len(lines) == 2 + 8
-    overall = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert overall[:2] == ["overall", "HR@10"]
-    assert overall[2] == f"{json.loads(phase1['sasrec'][0].with_suffix('.json').read_text())['test']['HR@10']:.2f} ± 0.00"
+    head, _, sasrec, pad = r.stdout.strip().splitlines()
+    assert head == "| method | seeds | HR@10 | nDCG@10 | warm HR@10 | median HR@10 | cold HR@10 | Impr. nDCG@10 |"
+    cells = {row[0]: row[1:] for row in ([c.strip() for c in line.strip("|").split("|")] for line in (sasrec, pad))}
+    tests = {label: json.loads(p.with_suffix(".json").read_text())["test"] for label, p in
+             (("SASRec", phase1["sasrec"][0]), ("PAD", path))}
+    for label, test in tests.items():  # one seed: the value alone, no spread
+        assert cells[label][:3] == ["1", f"{test['HR@10']:.2f}", f"{test['nDCG@10']:.2f}"]
+        assert cells[label][5] == f"{test['groups']['cold']['HR@10']:.2f}"
+    assert cells["PAD"][-1] == f"{100 * (tests['PAD']['nDCG@10'] / tests['SASRec']['nDCG@10'] - 1):+.1f}%"
 
 
 def test_finetune_refuses_other_backbone(work, dataset, phase1, phase2):
@@ -368,23 +374,67 @@ def test_device_cuda_without_cuda(script, work, dataset, phase1):
     refused(r, "CUDA is not available")
 
 
-def test_evaluate_kendall_cli(dataset, phase1, phase2):
-    """evaluate.py --kendall between phase-1 and phase-2 ID tables and the frozen text table."""
+def test_analysis_kendall_cli(dataset, phase1, phase2):
+    """analysis.py --kendall between phase-1 and phase-2 ID tables and the frozen text table."""
     p1, p2 = phase1["sasrec"][0], phase2[0]
-    r = run("evaluate.py", "--kendall", p1, p1, "--data", dataset)
+    r = run("analysis.py", "--kendall", p1, p1, "--data", dataset)
     taus = [float(t) for t in r.stdout.strip().splitlines()[-1].split()[1:]]
     assert len(taus) == 10 and all(t == pytest.approx(1.0) or t != t for t in taus)  # nan: bucket without pairs
-    r = run("evaluate.py", "--kendall", p1, "text", "--data", dataset)
+    r = run("analysis.py", "--kendall", p1, "text", "--data", dataset)
     assert r.stdout.strip().splitlines()[-1].startswith("tau")
-    r = run("evaluate.py", "--kendall", p2, f"{p1}:no.such.key", "--data", dataset, ok=False)
+    r = run("analysis.py", "--kendall", p2, f"{p1}:no.such.key", "--data", dataset, ok=False)
     refused(r, "no.such.key", "items.h_c.weight")
 
 
-def test_evaluate_recommend_cli(dataset, phase3):
-    """evaluate.py --recommend: top-k titles for a raw-id history, history excluded."""
+def test_serve_recommend_cli(dataset, phase3):
+    """serve.py --recommend: a header, the history echoed with its titles, then the top-k
+    with labelled columns, history excluded."""
     data = load(Path(dataset) / "dataset.pt")
     history = data["raw_ids"][1:4]
-    r = run("evaluate.py", "--ckpt", phase3[0], "--recommend", ",".join(history), "--k", "5", "--data", dataset)
-    rows = r.stdout.strip().splitlines()
-    assert len(rows) == 5 and not any(row.split()[1] in history for row in rows)
-    refused(run("evaluate.py", "--ckpt", phase3[0], "--recommend", "no-such-id", "--data", dataset, ok=False), "no-such-id")
+    r = run("serve.py", "--ckpt", phase3[0], "--recommend", ",".join(history), "--k", "5", "--data", dataset)
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith(f"{phase3[0]} (phase 3, tiny): top 5 after a history of 3 items")
+    assert lines[1] == "history (oldest first):"
+    assert [line.split(None, 1) for line in lines[2:5]] == [[raw, data["titles"][i]] for i, raw in enumerate(history, 1)]
+    assert lines[5].split() == ["rank", "raw", "id", "score", "title"]
+    rows = lines[6:]
+    assert [row.split()[0] for row in rows] == ["1", "2", "3", "4", "5"]
+    assert not any(row.split()[1] in history for row in rows)
+    refused(run("serve.py", "--ckpt", phase3[0], "--recommend", "no-such-id", "--data", dataset, ok=False), "no-such-id")
+
+
+# --- Run names: finished runs are reused, never silently replaced ----------------------------
+
+
+def test_smem_recipe_leaves_pad_intact_and_finished_runs_are_guarded(tmp_path, dataset):
+    """The README's recipes with default output names (runs/NAME/ under the working folder):
+    PAD, then SMEM (align.py --gamma 0, finetune.py --align on it) writes a second run and
+    leaves PAD's checkpoint byte for byte; a rerun with the same flags reuses the finished
+    run; other flags are refused, naming them; --overwrite retrains."""
+    import hashlib
+
+    def go(script, *args, ok=True):
+        r = subprocess.run([sys.executable, ROOT / script, "--data", dataset, *map(str, args), *TRAIN],
+                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+        if ok:
+            assert r.returncode == 0, f"{script} {args} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return r
+
+    runs = tmp_path / "runs" / "tiny"
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    go("pretrain.py", *MODEL)
+    go("align.py")
+    go("finetune.py")
+    pad = runs / "finetune_sasrec_freq_id-align-llm_gaussian_rec_gamma0.1_seed0.pt"
+    before = digest(pad)
+    go("align.py", "--gamma", "0")
+    go("finetune.py", "--align", "runs/tiny/align_sasrec_gaussian_rec_gamma0_seed0.pt")
+    smem = runs / "finetune_sasrec_freq_id-align-llm_gaussian_rec_gamma0_seed0.pt"
+    assert digest(pad) == before and smem.is_file()
+    assert json.loads(smem.with_suffix(".json").read_text())["init"]["align"].endswith("_gamma0_seed0.pt")
+    r = go("finetune.py")  # the same flags: reused, not retrained
+    assert "reusing finished run" in r.stdout and "epoch" not in r.stdout and digest(pad) == before
+    refused(go("finetune.py", "--lr", "0.01", ok=False), str(pad.relative_to(tmp_path)), "--lr 0.001 (now 0.01)", "--overwrite")
+    assert digest(pad) == before
+    r = go("finetune.py", "--lr", "0.01", "--overwrite")
+    assert re.search(r"epoch\s+1\s", r.stdout) and load(pad)["args"]["lr"] == 0.01

@@ -1,0 +1,375 @@
+"""The training loop every phase shares (Alg. 1), and its plumbing.
+
+    pretrain.py, align.py, finetune.py, baselines.py:
+        data, device = setup(args)            # threads, seed, device, dataset.pt
+        if reuse_finished(out, data, args): return
+        model, log = fit(model, data, args, out, extra_loss=...)   # mini-batches, AdamW, early stopping
+        finish(model, model_args, data, args, phase, log, out)    # test, checkpoint, metrics JSON
+
+Each step's loss is L_REC, the BCE of Eq. (1) / (6) with one sampled negative per position,
+plus the phase's own term (phase 2: γ · MK-MMD, Eq. 4). Around it: the shared flags, the
+per-epoch state behind --resume, the guard that never replaces a finished run made with
+other flags, and PyTorch DDP when a script runs under torchrun:
+
+    torchrun --nproc_per_node 4 pretrain.py --data mind --device cuda
+
+Each process trains on its share of the users with --batch-size users per step (the global
+batch is --batch-size x processes); rank 0 alone validates, prints and writes.
+"""
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dataset import atomic_save, atomic_write_text, load_dataset, split_sequences
+from evaluate import evaluate, format_metrics, parse_device, protocol
+from models import read_checkpoint
+
+K = 10  # HR@K / nDCG@K of validation and test; paper: 10 (Sec. 4.1.2)
+
+
+# --- Flags every phase shares ------------------------------------------------------------
+
+
+def add_training_args(p):
+    """Flags every phase shares (Appendix A values in the help)."""
+    p.add_argument("--data", default="ml-100k", help="prepared dataset: a name under data/ or a folder (prepare_data.py)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (paper: results averaged over 3 runs)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast; under torchrun one GPU per process)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of this process (default: PyTorch's, one per core); on a shared or busy CPU "
+                        "set it so that all processes together use no more threads than cores")
+    p.add_argument("--epochs", type=int, default=200, help="maximum number of epochs (early stopping ends sooner)")
+    # DEVIATION: default batch 128 users so that the offline default converges in minutes on a
+    # CPU; the paper's Appendix A uses 16 (pass --batch-size 16).
+    p.add_argument("--batch-size", type=int, default=128, help="users per mini-batch; paper: 16 (Appendix A)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (not given in the paper); "
+                   "pretrain.py with --backbone gru4rec defaults to 3e-3")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay; paper: 0.1 (Appendix A)")
+    p.add_argument("--patience", type=int, default=10, help="early stopping: epochs without a better valid nDCG@10; paper: 10")
+    p.add_argument("--keep-repeated-targets", action="store_true",
+                   help="rank a target that repeats an earlier item of the user among the others; default: it counts "
+                        "as a miss, since all earlier items are masked (the authors' rule)")
+    p.add_argument("--eval-batch-size", type=int, default=512, help="users ranked at once in evaluation (bounds memory)")
+    p.add_argument("--out", default=None, help="checkpoint path; default runs/NAME/<script>_<settings>_seedS.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="retrain and replace OUT even when it is a finished run (by default a finished run with the "
+                        "same flags is reused and one with other flags is refused)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT.last.pt (weights, AdamW and RNG state after its latest "
+                        "epoch; removed when a run finishes) with the same flags; --epochs may change")
+
+
+def add_model_args(p):
+    """Sizes of a model built from scratch (pretrain.py, baselines.py); later phases read
+    them from the phase-1 checkpoint."""
+    p.add_argument("--d", "--hidden-size", dest="d", type=int, default=128,
+                   help="hidden size d (Fig. 1: 128); under torchrun write --hidden-size, as torchrun reads --d as its own")
+    p.add_argument("--n-blocks", type=int, default=5, help="SASRec self-attention blocks; authors' release: 5")
+    p.add_argument("--n-heads", type=int, default=2, help="SASRec attention heads; authors' release: 2")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout probability; paper: 0.1 (Appendix A)")
+
+
+def model_config(data, args):
+    """The encoder configuration of a model built from scratch (a checkpoint's model_args)."""
+    return {"backbone": args.backbone, "d": args.d, "L": data["max_len"] - 3, "n_blocks": args.n_blocks,
+            "n_heads": args.n_heads, "dropout": args.dropout}
+
+
+def setup(args):
+    """Threads, seed, device and the prepared dataset of a phase script: (data, device)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cores = os.cpu_count() or 1
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] > cores and is_main_process():
+        print(f"note: the CPU is busy (load {os.getloadavg()[0]:.1f} on {cores} cores) and this process uses "
+              f"{torch.get_num_threads()} threads; --threads 1 (or OMP_NUM_THREADS=1) avoids oversubscription", flush=True)
+    torch.manual_seed(args.seed)
+    device = resolve_device(args.device)
+    return load_dataset(args.data), device
+
+
+def resolve_device(name):
+    """--device -> torch.device; under torchrun, --device cuda means this process's GPU."""
+    device = parse_device(name)
+    if device.type == "cuda" and device.index is None and world_size() > 1:
+        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")
+        torch.cuda.set_device(device)
+    return device
+
+
+# --- Plumbing: several processes under torchrun (DistributedDataParallel) ----------------
+
+
+def world_size():
+    """Processes started by torchrun (its WORLD_SIZE), 1 for a plain `python pretrain.py`."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process():
+    """Rank 0 of torchrun, or the only process: the one that validates, prints and writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def shard(order, rank, world):
+    """This process's users of an epoch: every world-th of `order`, which every rank draws
+    alike from the shared seed; the order wraps around so each rank gets as many users and
+    takes as many steps (as torch's DistributedSampler)."""
+    return torch.cat([order, order[:-len(order) % world]])[rank::world]
+
+
+def broadcast(obj):
+    """Rank 0's value of a picklable object on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --- Eq. (1): BCE with one sampled negative per position ----------------------------------
+
+
+def sample_negatives(history, n_items, shape, generator):
+    """One uniform negative item per position (Eq. 1), never one of the user's training
+    items: history (U, H) -> negatives of `shape` = (U, L), redrawn by rejection."""
+    h = history.sort(1).values  # (U, H); count each user's distinct real items
+    distinct = ((h[:, 1:] != h[:, :-1]) & (h[:, 1:] != 0)).sum(1) + (h[:, 0] != 0)
+    if (distinct >= n_items).any():
+        raise SystemExit(f"a user's training items cover all {n_items} items, so no negative can be sampled; "
+                         f"prepare a dataset with more items")
+    neg = torch.randint(1, n_items + 1, shape, generator=generator)
+    while True:
+        bad = (neg[:, :, None] == history[:, None, :]).any(-1)  # (U, L)
+        if not bad.any():
+            return neg
+        neg[bad] = torch.randint(1, n_items + 1, (int(bad.sum()),), generator=generator)
+
+
+def bce_loss(pos_logits, neg_logits, mask):
+    """Eq. (1): BCE with logits, label 1 on the next item and 0 on the sampled negative,
+    each averaged over the real positions of the batch."""
+    pos, neg = pos_logits[mask].float(), neg_logits[mask].float()
+    return (F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos))
+            + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg)))
+
+
+class PhaseLoss(nn.Module):
+    """One batch's training loss: L_REC (Eq. 1 / 6) unless use_rec_loss is False, plus the
+    phase's extra_loss(model, seq, pos) -> (term, {name: value to log}). A module because
+    DistributedDataParallel all-reduces the gradients of what its forward computed.
+    Returns (loss, {name: value to log})."""
+
+    def __init__(self, model, extra_loss, use_rec_loss):
+        super().__init__()
+        self.model, self.extra_loss, self.use_rec_loss = model, extra_loss, use_rec_loss
+
+    def forward(self, seq, pos, neg, mask):
+        with torch.set_grad_enabled(self.use_rec_loss):  # BCE is logged even when not trained on
+            bce = bce_loss(*self.model.bce_logits(seq, pos, neg), mask)
+        loss, logs = (bce if self.use_rec_loss else 0.0), {"bce": bce.detach()}
+        if self.extra_loss is not None:
+            term, extra_logs = self.extra_loss(self.model, seq, pos)
+            loss, logs = loss + term, {**logs, **extra_logs}
+        return loss, logs
+
+
+# --- Plumbing: finished runs, and the per-epoch state behind --resume -----------------------
+
+# flags that may differ between two runs with the same output: they do not change the weights
+# (the data is compared by its fingerprint, not by the name it was given)
+SAME_RUN_FREE = ("resume", "quiet", "out", "overwrite", "threads", "eval_batch_size", "data")
+RESUME_FREE = (*SAME_RUN_FREE, "epochs")
+
+
+def flag_diff(then, now, free):
+    """'--flag A (now B)' for every flag set differently in two vars(args) dicts."""
+    return [f"--{k.replace('_', '-')} {then.get(k)} (now {now.get(k)})" for k in sorted(now.keys() | then.keys())
+            if k not in free and now.get(k) != then.get(k)]
+
+
+def reuse_finished(out, data, args):
+    """True when OUT and its metrics JSON are a finished run of these flags on this data:
+    the run is reused (its test metrics printed), not retrained. A finished run with other
+    flags or data is refused, naming the flags, unless --overwrite."""
+    out = Path(out)
+    if args.overwrite or args.resume or not (out.is_file() and out.with_suffix(".json").is_file()):
+        return False
+    ckpt = read_checkpoint(out, keys=("args", "fingerprint", "metrics"))
+    diff = flag_diff(ckpt["args"], vars(args), SAME_RUN_FREE)
+    if ckpt["fingerprint"] != data["fingerprint"]:
+        diff.append(f"data fingerprint {ckpt['fingerprint']} (now {data['fingerprint']})")
+    if diff:
+        raise SystemExit(f"{out} is a finished run with {', '.join(diff)}; pass --out to write elsewhere, "
+                         f"or --overwrite to replace it")
+    if is_main_process():
+        print(f"reusing finished run {out} (same flags and data; --overwrite retrains)\n"
+              f"test: {format_metrics(ckpt['metrics']['test'])}", flush=True)
+    return True
+
+
+def state_path(out):
+    """Where a run keeps its resumable state while it trains: OUT.last.pt beside OUT."""
+    return Path(out).with_suffix(".last.pt")
+
+
+def read_state(path, data, args):
+    """The state file for --resume, refused when it was written for other data or flags."""
+    if not path.is_file():
+        raise SystemExit(f"--resume: {path} not found (no epoch of this run finished, or it completed); "
+                         f"run without --resume")
+    state = read_checkpoint(path, keys=("epoch", "state", "optimizer", "rng", "args", "fingerprint"))
+    if state["fingerprint"] != data["fingerprint"]:
+        raise SystemExit(f"--resume: {path} was written for dataset {state['args']['data']!r} (fingerprint "
+                         f"{state['fingerprint']}), not {args.data!r} ({data['fingerprint']}); pass that --data "
+                         f"or run without --resume")
+    diff = flag_diff(state["args"], vars(args), RESUME_FREE)
+    if diff:
+        raise SystemExit(f"--resume: {path} was written with {', '.join(diff)}; pass the same flags "
+                         f"or run without --resume")
+    return state
+
+
+# --- Alg. 1's loop ------------------------------------------------------------------------
+
+
+def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
+    """Alg. 1's loop: mini-batches of users, L_REC (Eq. 1 / 6) plus, if given, the phase's
+    extra term extra_loss(model, seq, pos) -> (term, {name: value to log}); AdamW,
+    validation nDCG@10 after each epoch, early stopping with patience. After each epoch
+    the state (weights, AdamW, RNGs, best so far, log) goes to OUT.last.pt for --resume.
+    Returns the model with its best-validation weights restored and the epoch log.
+
+    Under torchrun (world_size() > 1) every process draws the same negatives and user order
+    and trains on its shard of the users; DDP all-reduces the gradients, so the weights stay
+    equal on every rank. Rank 0 validates and shares the early-stopping decision."""
+    device = next(model.parameters()).device
+    rank, world = int(os.environ.get("RANK", "0")), world_size()
+    main = rank == 0
+    if main:
+        print(protocol(data, K, args.keep_repeated_targets), flush=True)
+    train_in, train_pos = split_sequences(data["seqs"], "train")  # (U, L) each
+    train_items = data["seqs"][:, :-2]  # (U, L+1) every training item, excluded from negatives
+    real = (train_in != 0) & (train_pos != 0)
+    keep = real.any(1)  # users with at least one training position
+    train_in, train_pos, train_items, real = train_in[keep], train_pos[keep], train_items[keep], real[keep]
+    # on CUDA the (U, L) tables go to the GPU once, from pinned memory; batches are indexed there
+    on_device = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" else (lambda t: t)
+    batch_in, batch_pos, batch_real = on_device(train_in), on_device(train_pos), on_device(real)
+    step_loss = PhaseLoss(model, extra_loss, use_rec_loss)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # the frozen text table and the buckets are equal on every rank: never broadcast them per step
+        step_loss = nn.parallel.DistributedDataParallel(step_loss, device_ids=[device] if device.type == "cuda" else None,
+                                                        broadcast_buffers=False, find_unused_parameters=True)
+    opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+    gen = torch.Generator().manual_seed(args.seed)  # negatives and batch order
+    epoch, best, best_state, log, since_best = 0, -1.0, None, [], 0
+    last = state_path(out)
+    if args.resume:
+        state = read_state(last, data, args)
+        model.load_state_dict(state["state"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["rng"]["negatives"])
+        torch.set_rng_state(state["rng"]["torch"])  # dropout (and align.py's MMD subset) on CPU
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        epoch, best, best_state, log, since_best = (state[k] for k in ("epoch", "best", "best_state", "log", "since_best"))
+        if main:
+            print(f"resumed from {last} after epoch {epoch}", flush=True)
+    elif last.exists() and main:
+        print(f"starting over: {last} of an earlier run will be overwritten (--resume continues it)", flush=True)
+    validate = lambda: evaluate(model, data, "valid", K, args.eval_batch_size, args.keep_repeated_targets)  # noqa: E731
+    while epoch < args.epochs and since_best < args.patience:
+        epoch += 1
+        t0 = time.time()
+        model.train()
+        neg = on_device(sample_negatives(train_items, data["n_items"], train_pos.shape, gen) * real)  # (U, L), each epoch
+        order = shard(torch.randperm(len(train_in), generator=gen), rank, world)
+        sums = {}
+        batches = range(0, len(order), args.batch_size)
+        # progress bars only on a terminal (disable=None), never with --quiet or on other ranks
+        for step, i in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False,
+                                      disable=True if args.quiet or not main else None)):
+            idx = order[i:i + args.batch_size].to(device)
+            seq, pos, n, m = (t[idx] for t in (batch_in, batch_pos, neg, batch_real))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss, logs = step_loss(seq, pos, n, m)
+            finite = torch.isfinite(loss.detach()).float()
+            if world > 1:  # every rank stops together, or the others would wait for it forever
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not finite:
+                kept = f"the state after epoch {epoch - 1} is kept in {last}" if epoch > 1 else "no epoch finished"
+                raise SystemExit(f"non-finite loss {loss.item()} at epoch {epoch}, batch {step + 1} of {len(batches)}; "
+                                 f"lower --lr or check the input data ({kept})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for name, v in logs.items():
+                sums[name] = sums.get(name, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+        valid = validate() if main else None
+        if world > 1:
+            valid = broadcast(valid)  # the same early-stopping decision on every rank
+        row = {"epoch": epoch, **{n: v / len(batches) for n, v in sums.items()},
+               f"valid_HR@{K}": valid[f"HR@{K}"], f"valid_nDCG@{K}": valid[f"nDCG@{K}"], "seconds": time.time() - t0}
+        log.append(row)
+        better = valid[f"nDCG@{K}"] > best
+        if better:
+            best, best_state, since_best = valid[f"nDCG@{K}"], copy.deepcopy(model.state_dict()), 0
+        else:
+            since_best += 1
+        if not main:
+            continue
+        losses = " ".join(f"{n} {row[n]:.4f}" for n in sums)  # under torchrun: rank 0's batches
+        print(f"epoch {epoch:3d}  {losses}  valid HR@{K} {row[f'valid_HR@{K}']:.2f} nDCG@{K} "
+              f"{row[f'valid_nDCG@{K}']:.2f}  {row['seconds']:.1f}s{'  *' if better else ''}", flush=True)
+        rng = {"negatives": gen.get_state(), "torch": torch.get_rng_state(),
+               **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+        atomic_save({"epoch": epoch, "state": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng,
+                     "best": best, "best_state": best_state, "since_best": since_best, "log": log,
+                     "args": vars(args), "fingerprint": data["fingerprint"]}, last)
+    if since_best >= args.patience and main:
+        print(f"early stop: no better valid nDCG@{K} for {args.patience} epochs", flush=True)
+    # DEVIATION: the authors' release tests the last epoch's weights; we restore the best-validation ones.
+    model.load_state_dict(best_state)
+    if world > 1:
+        checksum = sum(w.double().sum().item() for w in model.state_dict().values() if w.is_floating_point())
+        print(f"rank {rank} of {world}: trained weights checksum {checksum:.10e}", flush=True)
+        dist.barrier()  # rank 0 finished its last save before the others leave
+        dist.destroy_process_group()
+    return model, log
+
+
+def finish(model, model_args, data, args, phase, log, out, extra=None):
+    """Test the restored best model, print the metrics, write the self-describing checkpoint
+    and a metrics JSON beside it (both atomically), and remove the run's OUT.last.pt: the
+    phase is done. The test is scored under both rules for repeated targets: `test` under
+    the run's rule, `test_rules` overall under each."""
+    t0 = time.time()
+    keep = args.keep_repeated_targets
+    valid = evaluate(model, data, "valid", K, args.eval_batch_size, keep)
+    test = evaluate(model, data, "test", K, args.eval_batch_size, keep)
+    eval_seconds = (time.time() - t0) / 2
+    other = evaluate(model, data, "test", K, args.eval_batch_size, not keep)
+    rules = {("repeat_kept" if keep else "repeat_is_miss"): test, ("repeat_is_miss" if keep else "repeat_kept"): other}
+    print(f"phase {phase} test: {format_metrics(test)}  (full ranking {eval_seconds:.2f}s)")
+    best_epoch = max(log, key=lambda r: r[f"valid_nDCG@{K}"])["epoch"]
+    metrics = {"phase": phase, "valid": valid, "test": test,
+               "test_rules": {r: {m: v[m] for m in (f"HR@{K}", f"nDCG@{K}")} for r, v in rules.items()},
+               "best_epoch": best_epoch, "epochs": log, "eval_seconds": eval_seconds, **(extra or {})}
+    ckpt = {"phase": phase, "model_args": model_args, "state": {k: v.cpu() for k, v in model.state_dict().items()},
+            "args": vars(args), "dataset": data["name"], "n_items": data["n_items"],
+            "fingerprint": data["fingerprint"], "metrics": json.loads(json.dumps(metrics))}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(ckpt, out)
+    atomic_write_text(json.dumps(metrics, indent=1), out.with_suffix(".json"))
+    state_path(out).unlink(missing_ok=True)
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return metrics
