@@ -14,6 +14,9 @@ trained with the shared loop of trainer.py (same data, negatives, early stopping
   disco   DisCo (Du et al., 2024): the item embedding in two chunks (ID | reduced text), BCE
           plus --sufficiency x (each chunk alone predicts the next item) plus
           --disentangle x (the chunks' cross-correlation).
+  textknn the text-similarity floor (beyond the paper): every item ranked by the cosine of its
+          frozen text embedding to the last item of the window (--knn last) or to the window's
+          mean (--knn mean); nothing is trained, the run only scores and writes its metrics.
 
 SASRec is pretrain.py and SMEM is align.py --gamma 0 then finetune.py (experiments.py runs
 both). Writes runs/NAME/baseline_METHOD_BACKBONE_seedS.pt and a metrics .json beside it
@@ -30,7 +33,7 @@ from mmd import TAU, info_nce
 from models import BACKBONES, build_model, check_checkpoint, disco_losses, make_expert, model_from_checkpoint, read_checkpoint
 from trainer import add_model_args, add_training_args, finish, fit, is_main_process, model_config, reuse_finished, setup
 
-METHODS = ("hybrid", "morec", "ctrl", "make", "disco")
+METHODS = ("hybrid", "morec", "ctrl", "make", "disco", "textknn")
 
 
 def ctrl_stage1(model, data, args, device):
@@ -72,14 +75,23 @@ def main():
                    "default runs/NAME/baseline_morec_BACKBONE_seedS.pt")
     p.add_argument("--sufficiency", type=float, default=0.1, help="disco: weight of the sufficiency loss")
     p.add_argument("--disentangle", type=float, default=0.1, help="disco: weight of the disentanglement loss")
+    p.add_argument("--knn", default="last", choices=("last", "mean"),
+                   help="textknn: the query is the window's last item or the mean of its items")
     args = p.parse_args()
 
     data, device = setup(args)
     name = data["name"]
     if args.method == "make":
         args.morec = str(args.morec or run_path(name, "baseline", method="morec", backbone=args.backbone, seed=args.seed))
-    out = args.out or run_path(name, "baseline", method=args.method, backbone=args.backbone, seed=args.seed)
+    method = f"textknn-{args.knn}" if args.method == "textknn" else args.method
+    out = args.out or run_path(name, "baseline", method=method, backbone=args.backbone, seed=args.seed)
     if reuse_finished(out, data, args):
+        return
+    if args.method == "textknn":  # nothing to train: score and write
+        model_args = {"kind": "textknn", "mode": args.knn}
+        model = build_model(model_args, data).to(device)
+        print(f"baseline text-kNN ({args.knn}): cosine of frozen text embeddings, nothing trained")
+        finish(model, model_args, data, args, "baseline textknn", [], out)
         return
     cfg = {"kind": "expert", **model_config(data, args)}
     phase, extra_loss, extra = f"baseline {args.method}", None, {}

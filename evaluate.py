@@ -2,6 +2,7 @@
 
     python evaluate.py --ckpt runs/ml-100k/pretrain_sasrec_seed0.pt [--split test] [--k 10] [--json]
     python evaluate.py --table SASRec='runs/ml-100k/pretrain_sasrec_seed*.json' PAD=...   # mean ± std
+    python evaluate.py --text-knn last --data pantry     # the text-similarity floor, no checkpoint
 
 Protocol (printed at run time): validation predicts item l-1 from the 20 items before
 it, test predicts item l; every one of the N items is ranked (no sampled negatives);
@@ -13,6 +14,7 @@ interactions, B = coldest) and for warm / median / cold targets.
 """
 import argparse
 import glob
+import itertools
 import json
 import math
 from pathlib import Path
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 from dataset import GROUPS, bucket_groups, history_before_target, load_dataset, split_sequences
-from models import model_from_checkpoint, read_checkpoint
+from models import TextKNN, model_from_checkpoint, read_checkpoint
 
 
 def parse_device(name):
@@ -83,7 +85,7 @@ def evaluate(model, data, split="test", k=10, batch_size=512, keep_repeats=False
     Scores are float32 even on a GPU (bf16 scores would tie). Returns summarise()'s dict."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = next(itertools.chain(model.parameters(), model.buffers())).device
     inputs, targets = split_sequences(data["seqs"], split)
     history = history_before_target(data["seqs"], split)
     tables = model.item_tables()  # once per evaluation, not once per chunk of users
@@ -131,12 +133,14 @@ def mean_std(values):
     return t.mean().item(), (t.std().item() if len(t) > 1 else 0.0)
 
 
-def summary_table(table, metrics=("HR@10", "nDCG@10", "cold HR@10"), base=None, star=None):
+def summary_table(table, metrics=("HR@10", "nDCG@10", "cold HR@10"), base=None, star=None, extra=None):
     """Markdown: one line per label of table = {label: [rows]}, each metric as mean ± std
     over the rows (seeds), or the value alone for one row; Impr. of each label's nDCG@10
-    over the label `base`; star = (label, p-value) marks that label with ★ when p < 0.05."""
+    over the label `base`; star = (label, p-value) marks that label with ★ when p < 0.05;
+    extra = (column name, {label: text}) adds a last column (e.g. the paper's numbers)."""
     head = "| method | seeds | " + " | ".join(metrics) + (" | Impr. nDCG@10 |" if base else " |")
-    lines = [head, "|" + "---|" * (len(metrics) + 2 + bool(base))]
+    head += f" {extra[0]} |" if extra else ""
+    lines = [head, "|" + "---|" * (len(metrics) + 2 + bool(base) + bool(extra))]
     for label, rs in table.items():
         cells = []
         for metric in metrics:
@@ -147,7 +151,8 @@ def summary_table(table, metrics=("HR@10", "nDCG@10", "cold HR@10"), base=None, 
         if base:
             b, m = (mean_std([r["nDCG@10"] for r in table[x]])[0] for x in (base, label))
             impr = f" {100 * (m / b - 1):+.1f}% |" if b > 0 else " n/a |"
-        lines.append(f"| {label} | {len(rs)} | " + " | ".join(cells) + " |" + impr)
+        lines.append(f"| {label} | {len(rs)} | " + " | ".join(cells) + " |" + impr
+                     + (f" {extra[1].get(label, '')} |" if extra else ""))
     return "\n".join(lines)
 
 
@@ -158,6 +163,9 @@ def main():
                    help="instead of --ckpt: compare the test metrics JSONs of finished runs, e.g. "
                         "SASRec='runs/ml-100k/pretrain_sasrec_seed*.json' PAD='runs/ml-100k/finetune_*_seed*.json'; "
                         "Impr. is over the first label")
+    p.add_argument("--text-knn", choices=("last", "mean"),
+                   help="instead of --ckpt: the text-similarity floor, every item ranked by the cosine of its frozen "
+                        "text embedding to the window's last item or mean (models.TextKNN); needs --data")
     p.add_argument("--data", default=None, help="prepared dataset (dir or name); default: the one the checkpoint names")
     p.add_argument("--split", default="test", choices=("valid", "test"), help="which target to rank (Appendix A)")
     p.add_argument("--k", type=int, default=10, help="cut-off k of HR@k / nDCG@k; paper: 10")
@@ -178,18 +186,23 @@ def main():
         print(summary_table(table, (f"HR@{args.k}", f"nDCG@{args.k}", *(f"{g} HR@{args.k}" for g in GROUPS)),
                             base=next(iter(table))))
         return
-    if not args.ckpt:
-        raise SystemExit("pass --ckpt PATH (a checkpoint) or --table LABEL=GLOB ... (finished runs)")
+    if not args.ckpt and not (args.text_knn and args.data):
+        raise SystemExit("pass --ckpt PATH (a checkpoint), --table LABEL=GLOB ... (finished runs) or "
+                         "--text-knn last|mean --data NAME")
     device = parse_device(args.device)
-    ckpt = read_checkpoint(args.ckpt)
-    data = load_dataset(args.data or ckpt["args"]["data"])
-    model = model_from_checkpoint(ckpt, data, args.ckpt).to(device)
+    if args.ckpt:
+        ckpt = read_checkpoint(args.ckpt)
+        data = load_dataset(args.data or ckpt["args"]["data"])
+        model, what = model_from_checkpoint(ckpt, data, args.ckpt).to(device), f"phase {ckpt['phase']} {args.ckpt}"
+    else:
+        data = load_dataset(args.data)
+        model, what = TextKNN(data["text_emb"], args.text_knn).to(device), f"text-kNN ({args.text_knn})"
     m = evaluate(model, data, args.split, args.k, args.batch_size, args.keep_repeated_targets)
     if args.json:
         print(json.dumps(m, indent=1))
         return
     print(protocol(data, args.k, args.keep_repeated_targets))
-    print(f"phase {ckpt['phase']} {args.ckpt}, {args.split}: {format_metrics(m, args.k)}")
+    print(f"{what}, {args.split}: {format_metrics(m, args.k)}")
     print("bucket (1 = warmest)  users  " + f"HR@{args.k}  nDCG@{args.k}")
     for b, row in m["buckets"].items():
         print(f"{b:>20}  {row['users']:5d}  {row[f'HR@{args.k}']:6.2f}  {row[f'nDCG@{args.k}']:7.2f}")

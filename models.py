@@ -413,6 +413,38 @@ def disco_losses(model, seq, pos, tau=1.0):
     return sufficiency, cross.pow(2).mean()
 
 
+# --- The text-similarity floor (a baseline beyond the paper; baselines.py --method textknn) --
+
+
+class TextKNN(nn.Module):
+    """Ranks every item by the cosine similarity of its frozen text embedding h_text to the
+    user's last item ('last') or to the mean of the input window's items ('mean'). Nothing is
+    trained: a model that uses the text and ranks below this floor is not using the text."""
+
+    def __init__(self, text_emb, mode="last"):
+        super().__init__()
+        if mode not in ("last", "mean"):
+            raise ValueError(f"unknown text-kNN mode {mode!r}; choose last or mean")
+        self.mode = mode
+        self.register_buffer("h_text", text_emb, persistent=False)  # (N+1, d_text), row 0 zeros
+
+    def item_tables(self, dtype=None, chunk=65536):
+        """[(N+1, d_text)]: the unit-norm text rows (row 0 stays zero), normalised in chunks."""
+        table = torch.cat([F.normalize(self.h_text[i:i + chunk].float(), dim=-1)
+                           for i in range(0, len(self.h_text), chunk)])
+        return [table.to(dtype or table.dtype)]
+
+    def full_scores(self, seq, tables=None, per_bucket=False):
+        """Cosine of every item to the query, (B, N+1); padding rows are zero, so they drop out
+        of the window's sum."""
+        table = (tables or self.item_tables())[0]  # (N+1, d_text)
+        if self.mode == "last":
+            query = table[seq[:, -1]]  # (B, d_text): left-padded, the last column is the latest item
+        else:
+            query = F.normalize(table[seq].float().sum(1), dim=-1)  # (B, d_text): the window's mean direction
+        return (query.to(table.dtype) @ table.T).float()  # (B, N+1)
+
+
 # --- Rebuilding any phase's model from its checkpoint -------------------------------------
 
 
@@ -421,8 +453,10 @@ def build_model(model_args, data):
 
     {"kind": "expert", "expert": "id"|"align"|"llm", backbone, d, L, ...} is a single
     expert (phase 1: "id", phase 2: "align"); {"kind": "pad", "experts": [...],
-    "gate": ...} is the phase-3 model."""
+    "gate": ...} is the phase-3 model; {"kind": "textknn", "mode": ...} the text floor."""
     text_emb, n_items = data["text_emb"], data["n_items"]
+    if model_args["kind"] == "textknn":
+        return TextKNN(text_emb, model_args["mode"])
     if model_args["kind"] == "expert":
         return make_expert(model_args["expert"], n_items, text_emb, model_args)
     experts = {k: make_expert(k, n_items, text_emb, model_args) for k in model_args["experts"]}

@@ -89,7 +89,7 @@ def setup(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     cores = os.cpu_count() or 1
-    if hasattr(os, "getloadavg") and os.getloadavg()[0] > cores and is_main_process():
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] > cores and torch.get_num_threads() > 1 and is_main_process():
         print(f"note: the CPU is busy (load {os.getloadavg()[0]:.1f} on {cores} cores) and this process uses "
               f"{torch.get_num_threads()} threads; --threads 1 (or OMP_NUM_THREADS=1) avoids oversubscription", flush=True)
     torch.manual_seed(args.seed)
@@ -359,7 +359,7 @@ def finish(model, model_args, data, args, phase, log, out, extra=None):
     other = evaluate(model, data, "test", K, args.eval_batch_size, not keep)
     rules = {("repeat_kept" if keep else "repeat_is_miss"): test, ("repeat_is_miss" if keep else "repeat_kept"): other}
     print(f"phase {phase} test: {format_metrics(test)}  (full ranking {eval_seconds:.2f}s)")
-    best_epoch = max(log, key=lambda r: r[f"valid_nDCG@{K}"])["epoch"]
+    best_epoch = max(log, key=lambda r: r[f"valid_nDCG@{K}"])["epoch"] if log else 0  # 0: nothing trained
     metrics = {"phase": phase, "valid": valid, "test": test,
                "test_rules": {r: {m: v[m] for m in (f"HR@{K}", f"nDCG@{K}")} for r, v in rules.items()},
                "best_epoch": best_epoch, "epochs": log, "eval_seconds": eval_seconds, **(extra or {})}

@@ -2,6 +2,7 @@
 and numpy, CTRL's contrastive stage, and the refusals of MAKE's MoRec checkpoint. Each
 baseline also runs end to end through the real script in test_experiments.py (table2)."""
 import argparse
+import json
 import math
 import subprocess
 import sys
@@ -77,3 +78,40 @@ def test_make_needs_a_morec_checkpoint(work, dataset):
     assert run("--data", dataset, "--method", "morec", "--out", morec, *TRAIN, *MODEL).returncode == 0
     refused(run("--data", dataset, "--method", "make", "--morec", morec, *TRAIN, "--d", "8", "--n-blocks", "1"),
             "d=16", "d=8")
+
+
+# --- The text-similarity floor --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["last", "mean"])
+def test_text_knn_scores_are_cosines_by_loop(mode):
+    from models import TextKNN
+
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(13, 6, generator=g)
+    text[0] = 0
+    seq = torch.tensor([[0, 0, 3, 7, 5], [1, 2, 3, 4, 9]])
+    scores = TextKNN(text, mode).full_scores(seq)  # (2, 13)
+    for u, row in enumerate(seq.tolist()):
+        items = [i for i in row if i]
+        query = text[items[-1]] if mode == "last" else sum(text[i] / text[i].norm() for i in items)
+        for j in range(1, 13):
+            cos = float(query @ text[j] / (query.norm() * text[j].norm()))
+            assert scores[u, j].item() == pytest.approx(cos, abs=1e-6)
+        assert scores[u, 0].item() == 0.0  # padding row: zero vector
+
+
+def test_text_knn_baseline_and_checkpoint_free_path_agree(work, dataset):
+    """baselines.py --method textknn writes a run (nothing trained) whose test metrics equal
+    evaluate.py --text-knn on the dataset, with no checkpoint."""
+    out = work / "textknn.pt"
+    r = run("--data", dataset, "--method", "textknn", "--knn", "last", "--out", out)
+    assert r.returncode == 0 and "nothing trained" in r.stdout, r.stderr[-2000:]
+    metrics = json.loads(out.with_suffix(".json").read_text())
+    assert metrics["best_epoch"] == 0 and metrics["epochs"] == []
+    e = subprocess.run([sys.executable, "evaluate.py", "--text-knn", "last", "--data", dataset, "--json"], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert json.loads(e.stdout)["HR@10"] == pytest.approx(metrics["test"]["HR@10"])
+    e = subprocess.run([sys.executable, "evaluate.py", "--ckpt", out, "--json"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert json.loads(e.stdout)["nDCG@10"] == pytest.approx(metrics["test"]["nDCG@10"])

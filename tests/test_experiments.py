@@ -46,7 +46,7 @@ def test_every_experiment_writes_its_files(all_experiments):
 
 def test_table2_rows_and_significance(all_experiments):
     rows = list(csv.DictReader(open(all_experiments / "table2.csv")))
-    labels = ["SASRec", "Hybrid", "MoRec", "CTRL", "MAKE", "DisCo", "SMEM", "PAD"]
+    labels = ["SASRec", "text-kNN", "text-kNN (mean)", "Hybrid", "MoRec", "CTRL", "MAKE", "DisCo", "SMEM", "PAD"]
     assert sorted({r["label"] for r in rows}) == sorted(labels)
     assert all(sum(r["label"] == lb for r in rows) == 2 for lb in labels)  # two seeds each
     for r in rows:
@@ -60,6 +60,7 @@ def test_table2_rows_and_significance(all_experiments):
 
 def test_finished_runs_are_not_recomputed(work, dataset, all_experiments):
     before = {p: p.stat().st_mtime_ns for p in (work / "runs" / "tiny").glob("*.pt")}
+    assert len(before) > 20  # every run of the experiments, under RUNS/NAME/
     r = experiments(work, dataset, "fig4", "--seeds", "0")
     assert r.returncode == 0, r.stderr[-2000:]
     assert not [line for line in r.stdout.splitlines() if line.startswith(("done ", "FAILED"))]  # nothing ran
