@@ -55,9 +55,9 @@ def main():
         raise SystemExit("--anchor none with --gamma 0 leaves no loss to train; use --gamma > 0 or --anchor rec")
 
     data, device = setup(args)
-    args.init = str(args.init or run_path(data["name"], "pretrain", backbone=args.backbone, seed=args.seed))
+    args.init = str(args.init or run_path(data["name"], "pretrain", backbone=args.backbone, seed=args.seed, loss=args.loss))
     out = args.out or run_path(data["name"], "align", backbone=args.backbone, kernel=args.kernel, anchor=args.anchor,
-                               gamma=args.gamma, seed=args.seed)
+                               gamma=args.gamma, seed=args.seed, loss=args.loss)
     if reuse_finished(out, data, args):
         return
     ckpt1 = read_checkpoint(args.init)

@@ -85,8 +85,11 @@ def main():
                    help="Kendall's tau (Eq. 13) per target bucket between two embedding tables, each 'text' (the "
                         "frozen text table) or CKPT.pt[:STATE_KEY] (default: its collaborative ID table)")
     p.add_argument("--max-pairs", type=int, default=5000, help="behaviour-target pairs sampled per bucket")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's, one per core)")
     p.add_argument("--data", default=None, help="prepared dataset (dir or name); default: the one the checkpoint names")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ckpts = [spec.partition(":")[0] for spec in args.kendall if spec != "text"]
     if not ckpts and not args.data:
         raise SystemExit("--kendall text text needs --data")

@@ -82,9 +82,9 @@ def main():
     data, device = setup(args)
     name = data["name"]
     if args.method == "make":
-        args.morec = str(args.morec or run_path(name, "baseline", method="morec", backbone=args.backbone, seed=args.seed))
+        args.morec = str(args.morec or run_path(name, "baseline", method="morec", backbone=args.backbone, seed=args.seed, loss=args.loss))
     method = f"textknn-{args.knn}" if args.method == "textknn" else args.method
-    out = args.out or run_path(name, "baseline", method=method, backbone=args.backbone, seed=args.seed)
+    out = args.out or run_path(name, "baseline", method=method, backbone=args.backbone, seed=args.seed, loss=args.loss)
     if reuse_finished(out, data, args):
         return
     if args.method == "textknn":  # nothing to train: score and write

@@ -174,7 +174,10 @@ def main():
     p.add_argument("--json", action="store_true", help="print the whole metrics dict (per bucket and group) as JSON")
     p.add_argument("--batch-size", type=int, default=512, help="users ranked at once (bounds memory)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's, one per core)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.table:
         table = {}
         for spec in args.table:

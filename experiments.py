@@ -94,8 +94,8 @@ class Plan:
             self.runs[out] = Run(out, [*cmd, "--seed", str(seed), "--out", str(out)], list(deps))
         return self.runs[out]
 
-    def pretrain(self, seed, backbone="sasrec"):
-        return self._run("pretrain", ["pretrain.py", "--backbone", backbone], seed, backbone=backbone)
+    def pretrain(self, seed, backbone="sasrec", loss="bce"):
+        return self._run("pretrain", ["pretrain.py", "--backbone", backbone, "--loss", loss], seed, backbone=backbone, loss=loss)
 
     def align(self, seed, kernel="gaussian", anchor="rec", gamma=0.1, backbone="sasrec"):
         p1 = self.pretrain(seed, backbone)
@@ -127,6 +127,7 @@ def groups(exp, plan, seeds):
         return [make(s) for s in seeds]
 
     table2 = {"SASRec": per_seed(plan.pretrain),
+              "SASRec (CE)": per_seed(lambda s: plan.pretrain(s, loss="ce")),
               "text-kNN": per_seed(lambda s: plan.baseline(s, "textknn-last")),
               "text-kNN (mean)": per_seed(lambda s: plan.baseline(s, "textknn-mean")),
               **{m: per_seed(lambda s, m=m: plan.baseline(s, m.lower())) for m in ("Hybrid", "MoRec", "CTRL", "MAKE", "DisCo")},

@@ -39,9 +39,10 @@ def main():
 
     data, device = setup(args)
     name = data["name"]
-    args.pretrain = str(args.pretrain or run_path(name, "pretrain", backbone=args.backbone, seed=args.seed))
+    args.pretrain = str(args.pretrain or run_path(name, "pretrain", backbone=args.backbone, seed=args.seed, loss=args.loss))
     if "align" in args.experts:
-        args.align = str(args.align or run_path(name, "align", backbone=args.backbone, seed=args.seed, **DEFAULT_ALIGN))
+        args.align = str(args.align or run_path(name, "align", backbone=args.backbone, seed=args.seed, loss=args.loss,
+                                                 **DEFAULT_ALIGN))
     else:
         args.align = None
     paths = {"id": args.pretrain, "align": args.align}
@@ -53,7 +54,7 @@ def main():
         check_checkpoint(ckpts["align"], data, paths["align"], phase=2, backbone=args.backbone, like=ckpts["id"]["model_args"])
         tag = align_tag(*(ckpts["align"]["args"][k] for k in ("kernel", "anchor", "gamma")))
     out = args.out or run_path(name, "finetune", backbone=args.backbone, gate=args.gate, experts=args.experts,
-                               align=tag, seed=args.seed)
+                               align=tag, seed=args.seed, loss=args.loss)
     if reuse_finished(out, data, args):
         return
     model_args = {**ckpts["id"]["model_args"], "kind": "pad", "experts": list(args.experts), "gate": args.gate}

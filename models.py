@@ -230,6 +230,11 @@ class Expert(nn.Module):
         h = self(seq)  # (B, L, d)
         return (h * self.items(pos)).sum(-1), (h * self.items(neg)).sum(-1)  # (B, L) each
 
+    def all_logits(self, seq):
+        """Logits of every item at every position, (B, L, N+1), for trainer.py's --loss ce."""
+        table = self.items(torch.arange(self.n_items + 1, device=seq.device))  # (N+1, d), with gradient
+        return self(seq) @ table.T
+
     def full_scores(self, seq, tables=None, per_bucket=False):
         """Scores of every item after the last position, (B, N+1); tables: item_tables(),
         computed once and passed in when many batches of users are scored. (per_bucket is
@@ -362,6 +367,14 @@ class PAD(nn.Module):
         o_pos = [(h_k * e.items(pos)).sum(-1) for h_k, e in zip(h, experts)]  # K x (B, L): o_k of Eq. (8)-(10)
         o_neg = [(h_k * e.items(neg)).sum(-1) for h_k, e in zip(h, experts)]
         return self.fuse(o_pos, h, self.bucket[pos]), self.fuse(o_neg, h, self.bucket[neg])
+
+    def all_logits(self, seq):
+        """Phi of every item at every position, (B, L, N+1), for trainer.py's --loss ce; the gate
+        is (B, L, N+1, K), so memory grows with B x L x N."""
+        ids = torch.arange(len(self.bucket), device=seq.device)  # (N+1,)
+        h = self.states(seq)  # K x (B, L, d)
+        o = [h_k @ e.items(ids).T for h_k, e in zip(h, self.experts.values())]  # K x (B, L, N+1)
+        return self.fuse(o, [h_k[:, :, None] for h_k in h], self.bucket.expand(*seq.shape, -1))
 
     def full_scores(self, seq, tables=None, per_bucket=False):
         """Phi for every item after the last position, (B, N+1); tables: item_tables()."""

@@ -25,7 +25,7 @@ def main():
         args.lr = 3e-3 if args.backbone == "gru4rec" else 1e-3
 
     data, device = setup(args)
-    out = args.out or run_path(data["name"], "pretrain", backbone=args.backbone, seed=args.seed)
+    out = args.out or run_path(data["name"], "pretrain", backbone=args.backbone, seed=args.seed, loss=args.loss)
     if reuse_finished(out, data, args):
         return
     model_args = {"kind": "expert", "expert": "id", **model_config(data, args)}

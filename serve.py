@@ -57,7 +57,10 @@ def main():
                         "to about 3 significant digits, so the order may change at near-ties)")
     p.add_argument("--data", default=None, help="prepared dataset (dir or name); default: the one the checkpoint names")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's, one per core)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = parse_device(args.device)
     ckpt = read_checkpoint(args.ckpt)

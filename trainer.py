@@ -52,6 +52,9 @@ def add_training_args(p):
     p.add_argument("--batch-size", type=int, default=128, help="users per mini-batch; paper: 16 (Appendix A)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (not given in the paper); "
                    "pretrain.py with --backbone gru4rec defaults to 3e-3")
+    p.add_argument("--loss", default="bce", choices=("bce", "ce"),
+                   help="L_REC: bce, Eq. (1) with one sampled negative per position (paper); ce, softmax "
+                        "cross-entropy over all N items (beyond the paper: the strong baseline)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay; paper: 0.1 (Appendix A)")
     p.add_argument("--patience", type=int, default=10, help="early stopping: epochs without a better valid nDCG@10; paper: 10")
     p.add_argument("--keep-repeated-targets", action="store_true",
@@ -160,20 +163,32 @@ def bce_loss(pos_logits, neg_logits, mask):
             + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg)))
 
 
-class PhaseLoss(nn.Module):
-    """One batch's training loss: L_REC (Eq. 1 / 6) unless use_rec_loss is False, plus the
-    phase's extra_loss(model, seq, pos) -> (term, {name: value to log}). A module because
-    DistributedDataParallel all-reduces the gradients of what its forward computed.
-    Returns (loss, {name: value to log})."""
+def ce_loss(logits, pos, mask):
+    """--loss ce, beyond the paper: softmax cross-entropy of the next item against all N
+    items (padding excluded), averaged over the real positions: logits (B, L, N+1)."""
+    logits = logits[mask].float()  # (n, N+1)
+    logits[:, 0] = -torch.inf
+    return F.cross_entropy(logits, pos[mask])
 
-    def __init__(self, model, extra_loss, use_rec_loss):
+
+class PhaseLoss(nn.Module):
+    """One batch's training loss: L_REC unless use_rec_loss is False, plus the phase's
+    extra_loss(model, seq, pos) -> (term, {name: value to log}). L_REC is the BCE of Eq. (1) /
+    (6) with the sampled negatives, or with rec_loss="ce" the full-softmax cross-entropy. A
+    module because DistributedDataParallel all-reduces the gradients of what its forward
+    computed. Returns (loss, {name: value to log})."""
+
+    def __init__(self, model, extra_loss, use_rec_loss, rec_loss="bce"):
         super().__init__()
-        self.model, self.extra_loss, self.use_rec_loss = model, extra_loss, use_rec_loss
+        self.model, self.extra_loss, self.use_rec_loss, self.rec_loss = model, extra_loss, use_rec_loss, rec_loss
 
     def forward(self, seq, pos, neg, mask):
-        with torch.set_grad_enabled(self.use_rec_loss):  # BCE is logged even when not trained on
-            bce = bce_loss(*self.model.bce_logits(seq, pos, neg), mask)
-        loss, logs = (bce if self.use_rec_loss else 0.0), {"bce": bce.detach()}
+        with torch.set_grad_enabled(self.use_rec_loss):  # L_REC is logged even when not trained on
+            if self.rec_loss == "ce":
+                rec = ce_loss(self.model.all_logits(seq), pos, mask)
+            else:
+                rec = bce_loss(*self.model.bce_logits(seq, pos, neg), mask)
+        loss, logs = (rec if self.use_rec_loss else 0.0), {self.rec_loss: rec.detach()}
         if self.extra_loss is not None:
             term, extra_logs = self.extra_loss(self.model, seq, pos)
             loss, logs = loss + term, {**logs, **extra_logs}
@@ -262,7 +277,7 @@ def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
     # on CUDA the (U, L) tables go to the GPU once, from pinned memory; batches are indexed there
     on_device = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" else (lambda t: t)
     batch_in, batch_pos, batch_real = on_device(train_in), on_device(train_pos), on_device(real)
-    step_loss = PhaseLoss(model, extra_loss, use_rec_loss)
+    step_loss = PhaseLoss(model, extra_loss, use_rec_loss, args.loss)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         # the frozen text table and the buckets are equal on every rank: never broadcast them per step

@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from evaluate import target_ranks  # noqa: E402
 from models import (BACKBONES, Caser, EXPERTS, GATES, PAD, build_model, make_expert, make_gate,  # noqa: E402
                     model_from_checkpoint, read_checkpoint)
-from trainer import bce_loss, sample_negatives  # noqa: E402
+from trainer import bce_loss, ce_loss, sample_negatives  # noqa: E402
 
 N, L, D, D_TEXT, N_BUCKETS = 30, 8, 16, 12, 10
 
@@ -294,6 +294,30 @@ def test_bce_loss_matches_formula():
     ref = (-sum(math.log(1 / (1 + math.exp(-x))) for x in p) / len(p)
            - sum(math.log(1 - 1 / (1 + math.exp(-x))) for x in n) / len(n))
     assert math.isclose(float(bce_loss(pos, neg, mask)), ref, rel_tol=1e-5)
+
+
+def test_ce_loss_matches_formula():
+    logits = torch.randn(3, 4, 7, generator=gen(0))
+    pos = torch.randint(1, 7, (3, 4), generator=gen(1))
+    mask = torch.rand(3, 4, generator=gen(2)) < 0.6
+    terms = [math.log(sum(math.exp(x) for x in logits[b, t, 1:].tolist())) - logits[b, t, pos[b, t]].item()
+             for b in range(3) for t in range(4) if mask[b, t]]  # softmax over items 1..N, padding left out
+    assert math.isclose(float(ce_loss(logits, pos, mask)), sum(terms) / len(terms), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("gate_kind", GATES)
+@pytest.mark.parametrize("kind", EXPERTS)
+def test_all_logits_are_the_bce_logits_of_every_item(kind, gate_kind):
+    """--loss ce scores every item at every position: the same logit as bce_logits gives an
+    item as the positive, for one expert and for PAD (Eq. 11 at every position)."""
+    seq = sequences(B=3)
+    for model in (expert(kind, "sasrec").eval(), make_pad(EXPERTS, gate_kind)):
+        with torch.no_grad():
+            every = model.all_logits(seq)  # (3, L, N+1)
+            for j in (1, 5, N):
+                p, _ = model.bce_logits(seq, torch.full((3, L), j), torch.full((3, L), j))
+                assert torch.allclose(every[..., j], p, atol=1e-5)
+        assert every.shape == (3, L, N + 1)
 
 
 def test_sasrec_overfits_a_handful_of_sequences():

@@ -438,3 +438,21 @@ def test_smem_recipe_leaves_pad_intact_and_finished_runs_are_guarded(tmp_path, d
     assert digest(pad) == before
     r = go("finetune.py", "--lr", "0.01", "--overwrite")
     assert re.search(r"epoch\s+1\s", r.stdout) and load(pad)["args"]["lr"] == 0.01
+
+
+def test_loss_ce_through_every_phase(work, dataset):
+    """--loss ce (full softmax over all items) trains each phase; default names carry _ce, so
+    a CE pipeline never meets a BCE one."""
+    from dataset import run_path
+
+    assert run_path("tiny", "pretrain", backbone="sasrec", seed=0, loss="ce").name == "pretrain_sasrec_ce_seed0.pt"
+    assert run_path("tiny", "pretrain", backbone="sasrec", seed=0).name == "pretrain_sasrec_seed0.pt"
+    p1, p2, p3 = (work / f"ce_phase{i}.pt" for i in (1, 2, 3))
+    r1 = run("pretrain.py", "--data", dataset, "--loss", "ce", *MODEL, *TRAIN, "--out", p1)
+    r2 = run("align.py", "--data", dataset, "--loss", "ce", "--init", p1, *TRAIN, "--out", p2)
+    r3 = run("finetune.py", "--data", dataset, "--loss", "ce", "--pretrain", p1, "--align", p2, *TRAIN, "--out", p3)
+    for r, path in ((r1, p1), (r2, p2), (r3, p3)):
+        assert re.search(r"\bce \d+\.\d+", log_row(r.stdout)), r.stdout
+        metrics = json.loads(path.with_suffix(".json").read_text())
+        check_metrics(metrics["test"], U)
+        assert "ce" in metrics["epochs"][0] and load(path)["args"]["loss"] == "ce"
