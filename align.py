@@ -13,20 +13,24 @@ import argparse
 import torch
 
 from dataset import DEFAULT_ALIGN, run_path
-from mmd import KERNELS, alignment_loss
+from mmd import KERNELS, TAU, alignment_loss
 from models import BACKBONES, make_expert, model_from_checkpoint, read_checkpoint
-from trainer import add_training_args, finish, fit, is_main_process, reuse_finished, setup
+from trainer import add_training_args, finish, fit, is_main_process, parse_args, reuse_finished, setup
 
 ANCHORS = ("rec", "none", "frozen")
 
 
 def mmd_term(args):
-    """The extra loss of phase 2 for fit(): (model, seq, pos) -> (γ · MMD, {kernel: MMD})."""
+    """The extra loss of phase 2 for fit(): (model, seq, pos, neg) -> (γ · MMD, {kernel: MMD})."""
 
-    # --- Eq. (4)-(5): L = L_REC + γ · D_k²({h^s}_a, {h^c}_a) over the batch's real items ---
-    def term(model, seq, pos):
-        items = seq[seq != 0]  # (n,) behaviour items of the batch, padding excluded
-        # DEVIATION: the authors' release also feeds padding rows into the MMD; we do not.
+    # --- Eq. (4)-(5): L = L_REC + γ · D_k²({h^s}_a, {h^c}_a) over the batch's items ---
+    def term(model, seq, pos, neg):
+        if args.mmd_rows == "items":
+            # DEVIATION: the batch's real behaviour items; the authors' release feeds every slot
+            # (window, last target, negatives, padding): --mmd-rows batch
+            items = seq[seq != 0]  # (n,)
+        else:
+            items = torch.cat([seq, pos[:, -1:], neg], 1).flatten()  # (n,) every slot, padding 0 included
         if len(items) > args.mmd_sample:
             # DEVIATION: a random subset of --mmd-sample rows keeps the 2n x 2n kernel matrix small
             items = items[torch.randperm(len(items), device=items.device)[:args.mmd_sample]]
@@ -34,7 +38,8 @@ def mmd_term(args):
         if args.anchor == "frozen":
             h_c = h_c.detach()  # SG(D_rec): the collaborative side is not moved by the MMD
         with torch.autocast(items.device.type, enabled=False):  # kernels in float32, also under bf16 autocast
-            mmd = alignment_loss(args.kernel, h_s.float(), h_c.float())
+            tau = {"tau": args.tau} if args.kernel == "infonce" else {}
+            mmd = alignment_loss(args.kernel, h_s.float(), h_c.float(), **tau)
         return args.gamma * mmd, {args.kernel: mmd}
 
     return term
@@ -49,20 +54,28 @@ def main():
     p.add_argument("--kernel", default=DEFAULT_ALIGN["kernel"], choices=KERNELS, help="alignment loss: MK-MMD kernel (Eq. 12, 17, 14, 15) or InfoNCE (Eq. 16); paper: gaussian")
     p.add_argument("--anchor", default=DEFAULT_ALIGN["anchor"], choices=ANCHORS,
                    help="rec: L_REC + γ·MMD (paper); none: MMD only (Non-Anchored); frozen: L_REC + γ·MMD(h_s, SG(h_c)) (Sec. 4.4)")
+    p.add_argument("--mmd-rows", default="items", choices=("items", "batch"),
+                   help="rows of the MMD: the batch's real behaviour items, or every slot of the batch (window, last "
+                        "target, negatives, padding: the authors' release); paper: not given")
+    p.add_argument("--fuse-dropout", type=float, default=0.0,
+                   help="dropout before the alignment expert's fusion layer (authors' release: 0.1; paper: not given)")
+    p.add_argument("--tau", type=float, default=TAU, help="InfoNCE temperature τ of Eq. (16) (--kernel infonce); "
+                   "paper: not given; authors' release: 0.1")
     p.add_argument("--mmd-sample", type=int, default=512, help="at most this many real behaviour items per batch enter the MMD (not in the paper; the authors' release feeds every slot of the batch: inputs, targets, negatives and padding)")
-    args = p.parse_args()
+    args = parse_args(p, "align")
     if args.anchor == "none" and args.gamma == 0:
         raise SystemExit("--anchor none with --gamma 0 leaves no loss to train; use --gamma > 0 or --anchor rec")
 
     data, device = setup(args)
-    args.init = str(args.init or run_path(data["name"], "pretrain", backbone=args.backbone, seed=args.seed, loss=args.loss))
+    args.init = str(args.init or run_path(data["name"], "pretrain", backbone=args.backbone, seed=args.seed,
+                                          loss=args.loss, preset=args.preset))
     out = args.out or run_path(data["name"], "align", backbone=args.backbone, kernel=args.kernel, anchor=args.anchor,
-                               gamma=args.gamma, seed=args.seed, loss=args.loss)
+                               gamma=args.gamma, seed=args.seed, loss=args.loss, preset=args.preset)
     if reuse_finished(out, data, args):
         return
     ckpt1 = read_checkpoint(args.init)
     phase1 = model_from_checkpoint(ckpt1, data, args.init, phase=1, backbone=args.backbone)
-    model_args = {**ckpt1["model_args"], "expert": "align"}
+    model_args = {**ckpt1["model_args"], "expert": "align", "fuse_dropout": args.fuse_dropout}
 
     # --- The alignment expert: phase-1 ID table h^c and encoder, new f_MLP over SG(h_text) ---
     model = make_expert("align", data["n_items"], data["text_emb"], model_args)

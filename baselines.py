@@ -31,7 +31,8 @@ import torch
 from dataset import atomic_save, run_path, split_sequences
 from mmd import TAU, info_nce
 from models import BACKBONES, build_model, check_checkpoint, disco_losses, make_expert, model_from_checkpoint, read_checkpoint
-from trainer import add_model_args, add_training_args, finish, fit, is_main_process, model_config, reuse_finished, setup
+from trainer import (add_model_args, add_training_args, finish, fit, is_main_process, model_config, parse_args,
+                     reuse_finished, setup)
 
 METHODS = ("hybrid", "morec", "ctrl", "make", "disco", "textknn")
 
@@ -77,14 +78,16 @@ def main():
     p.add_argument("--disentangle", type=float, default=0.1, help="disco: weight of the disentanglement loss")
     p.add_argument("--knn", default="last", choices=("last", "mean"),
                    help="textknn: the query is the window's last item or the mean of its items")
-    args = p.parse_args()
+    args = parse_args(p, "baselines")
 
     data, device = setup(args)
     name = data["name"]
+    tags = {"loss": args.loss, "preset": args.preset}
     if args.method == "make":
-        args.morec = str(args.morec or run_path(name, "baseline", method="morec", backbone=args.backbone, seed=args.seed, loss=args.loss))
+        args.morec = str(args.morec or run_path(name, "baseline", method="morec", backbone=args.backbone, seed=args.seed,
+                                                **tags))
     method = f"textknn-{args.knn}" if args.method == "textknn" else args.method
-    out = args.out or run_path(name, "baseline", method=method, backbone=args.backbone, seed=args.seed, loss=args.loss)
+    out = args.out or run_path(name, "baseline", method=method, backbone=args.backbone, seed=args.seed, **tags)
     if reuse_finished(out, data, args):
         return
     if args.method == "textknn":  # nothing to train: score and write
@@ -100,7 +103,7 @@ def main():
         model_args = {**cfg, "expert": {"hybrid": "align", "morec": "llm", "disco": "disco"}[args.method]}
         model = make_expert(model_args["expert"], data["n_items"], data["text_emb"], model_args)
         if args.method == "disco":
-            def extra_loss(model, seq, pos):
+            def extra_loss(model, seq, pos, neg):
                 sufficiency, disentangle = disco_losses(model, seq, pos)
                 return (args.sufficiency * sufficiency + args.disentangle * disentangle,
                         {"sufficiency": sufficiency, "disentangle": disentangle})

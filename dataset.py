@@ -193,10 +193,10 @@ def bucket_groups(n_buckets):
 # One template per script: the settings that tell two runs of it apart. Any other flag is
 # checked against the stored arguments before a finished run is replaced (trainer.guard_output).
 RUN_NAMES = {
-    "pretrain": "pretrain_{backbone}{loss}_seed{seed}",
-    "align": "align_{backbone}_{kernel}_{anchor}_gamma{gamma:g}{loss}_seed{seed}",
-    "finetune": "finetune_{backbone}_{gate}_{experts}{align}{loss}_seed{seed}",
-    "baseline": "baseline_{method}_{backbone}{loss}_seed{seed}",
+    "pretrain": "pretrain_{backbone}{tags}_seed{seed}",
+    "align": "align_{backbone}_{kernel}_{anchor}_gamma{gamma:g}{tags}_seed{seed}",
+    "finetune": "finetune_{backbone}_{gate}_{experts}{align}{tags}_seed{seed}",
+    "baseline": "baseline_{method}_{backbone}{tags}_seed{seed}",
 }
 DEFAULT_ALIGN = {"kernel": "gaussian", "anchor": "rec", "gamma": 0.1}  # align.py's defaults, finetune.py's input
 
@@ -209,9 +209,9 @@ def align_tag(kernel, anchor, gamma):
 def run_path(data_name, script, runs="runs", **settings):
     """runs/NAME/<script>_<settings>_seedS.pt, the checkpoint of one run; its metrics are the
     .json beside it. finetune takes experts as a list and align as align_tag(...) or ''; a
-    loss other than the paper's bce is named (_ce)."""
+    loss other than the paper's bce (_ce) and a --preset (_authors) are named."""
     if isinstance(settings.get("experts"), (list, tuple)):
         settings["experts"] = "-".join(settings["experts"])
-    loss = settings.pop("loss", "bce")
-    settings["loss"] = "" if loss == "bce" else f"_{loss}"
+    loss, preset = settings.pop("loss", "bce"), settings.pop("preset", "none")
+    settings["tags"] = ("" if loss == "bce" else f"_{loss}") + ("" if preset == "none" else f"_{preset}")
     return Path(runs) / data_name / (RUN_NAMES[script].format(**settings) + ".pt")

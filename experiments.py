@@ -46,9 +46,9 @@ from analysis import embedding_kendall_tau, embedding_table
 from dataset import DEFAULT_ALIGN, GROUPS, align_tag, atomic_write_text, bucket_groups, load_dataset, run_path
 from evaluate import mean_std, metric_row, summary_table
 from models import model_from_checkpoint, read_checkpoint
+from trainer import PRESETS
 
 EXPERIMENTS = ("table2", "table3", "fig2", "fig3", "fig4", "fig5", "fig6")
-PAD_ALIGN = tuple(DEFAULT_ALIGN.values())  # kernel, anchor, gamma of PAD's phase 2
 
 # The paper's Table 2 (HR@10, nDCG@10 in %), printed beside ours for its datasets
 PAPER_TABLE2 = {
@@ -85,25 +85,31 @@ class Plan:
     """The runs of one dataset and backbone-seed grid, each built once (shared by experiments),
     named by dataset.run_path as the scripts name their own output."""
 
-    def __init__(self, runs, data):
-        self.runs_root, self.data, self.runs = Path(runs), data, {}  # runs go to RUNS/NAME/
+    def __init__(self, runs, data, preset="none"):
+        self.runs_root, self.data, self.preset, self.runs = Path(runs), data, preset, {}  # runs go to RUNS/NAME/
+        # PAD's own settings: the scripts' defaults, or the preset's
+        self.gamma = PRESETS[preset].get("align", {}).get("gamma", DEFAULT_ALIGN["gamma"])
+        self.gate = PRESETS[preset].get("finetune", {}).get("gate", "freq")
+        self.pad_align = (DEFAULT_ALIGN["kernel"], DEFAULT_ALIGN["anchor"], self.gamma)
 
     def _run(self, script, cmd, seed, deps=(), **settings):
-        out = run_path(self.data["name"], script, runs=self.runs_root, seed=seed, **settings)
+        out = run_path(self.data["name"], script, runs=self.runs_root, seed=seed, preset=self.preset, **settings)
         if out not in self.runs:
-            self.runs[out] = Run(out, [*cmd, "--seed", str(seed), "--out", str(out)], list(deps))
+            self.runs[out] = Run(out, [*cmd, "--seed", str(seed), "--preset", self.preset, "--out", str(out)], list(deps))
         return self.runs[out]
 
     def pretrain(self, seed, backbone="sasrec", loss="bce"):
         return self._run("pretrain", ["pretrain.py", "--backbone", backbone, "--loss", loss], seed, backbone=backbone, loss=loss)
 
-    def align(self, seed, kernel="gaussian", anchor="rec", gamma=0.1, backbone="sasrec"):
+    def align(self, seed, kernel="gaussian", anchor="rec", gamma=None, backbone="sasrec"):
+        gamma = self.gamma if gamma is None else gamma
         p1 = self.pretrain(seed, backbone)
         return self._run("align", ["align.py", "--backbone", backbone, "--init", str(p1.out), "--kernel", kernel,
                                    "--anchor", anchor, "--gamma", f"{gamma:g}"], seed, [p1],
                          backbone=backbone, kernel=kernel, anchor=anchor, gamma=gamma)
 
-    def finetune(self, seed, align=PAD_ALIGN, experts="id,align,llm", gate="freq", backbone="sasrec"):
+    def finetune(self, seed, align=None, experts="id,align,llm", gate=None, backbone="sasrec"):
+        align, gate = align or self.pad_align, gate or self.gate
         p1 = self.pretrain(seed, backbone)
         cmd, deps, tag = ["finetune.py", "--backbone", backbone, "--pretrain", str(p1.out), "--experts", experts, "--gate", gate], [p1], ""
         if "align" in experts.split(","):
@@ -144,15 +150,15 @@ def groups(exp, plan, seeds):
         return {"": {k: table2[k][:1] for k in ("SASRec", "SMEM", "CTRL", "PAD")}}
     if exp == "fig4":
         return {"": {"No Alignment": table2["SMEM"],
-                     "Non-Anchored": per_seed(lambda s: plan.finetune(s, ("gaussian", "none", 0.1))),
-                     "Rec-Anchored & Frozen": per_seed(lambda s: plan.finetune(s, ("gaussian", "frozen", 0.1))),
+                     "Non-Anchored": per_seed(lambda s: plan.finetune(s, ("gaussian", "none", plan.gamma))),
+                     "Rec-Anchored & Frozen": per_seed(lambda s: plan.finetune(s, ("gaussian", "frozen", plan.gamma))),
                      "Rec-Anchored": table2["PAD"]}}
     if exp == "fig5":
         kernels = {"Linear": "linear", "Cosine": "cosine", "InfoNCE": "infonce", "Laplacian": "laplacian"}
-        ablation = {"w/o ID": ("align,llm", "freq"), "w/o align": ("id,llm", "freq"), "w/o LLM": ("id,align", "freq"),
-                    "only ID": ("id", "freq"), "only align": ("align", "freq"), "only LLM": ("llm", "freq"),
+        ablation = {"w/o ID": ("align,llm", None), "w/o align": ("id,llm", None), "w/o LLM": ("id,align", None),
+                    "only ID": ("id", None), "only align": ("align", None), "only LLM": ("llm", None),
                     "w/o gating": ("id,align,llm", "none")}
-        return {"(a) alignment loss": {**{lb: per_seed(lambda s, k=k: plan.finetune(s, (k, "rec", 0.1))) for lb, k in kernels.items()},
+        return {"(a) alignment loss": {**{lb: per_seed(lambda s, k=k: plan.finetune(s, (k, "rec", plan.gamma))) for lb, k in kernels.items()},
                                        "Gaussian": table2["PAD"]},
                 "(b) ablation": {"PAD": table2["PAD"], **{lb: per_seed(lambda s, e=e, g=g: plan.finetune(s, experts=e, gate=g))
                                                           for lb, (e, g) in ablation.items()}}}
@@ -476,6 +482,8 @@ def main():
     p.add_argument("--runs", default="runs", help="checkpoints go to RUNS/NAME/")
     p.add_argument("--results", default="results", help="tables and figures go to RESULTS/NAME/")
     p.add_argument("--max-pairs", type=int, default=5000, help="fig6: behaviour-target pairs per bucket")
+    p.add_argument("--preset", default="none", choices=tuple(PRESETS),
+                   help="every run with this --preset (trainer.PRESETS; e.g. authors), named _PRESET")
     p.add_argument("--only", nargs="+", metavar="LABEL",
                    help="run and report only these labels of the chosen experiments, e.g. SASRec text-kNN PAD")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do, run nothing")
@@ -484,7 +492,7 @@ def main():
         raise SystemExit(f"--jobs {args.jobs}: must be at least 1")
 
     data = load_dataset(args.data)
-    plan = Plan(args.runs, data)
+    plan = Plan(args.runs, data, args.preset)
     chosen = {exp: groups(exp, plan, args.seeds) for exp in args.experiments}
     if args.only:
         known = {lb for panels in chosen.values() for labels in panels.values() for lb in labels}

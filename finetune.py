@@ -13,8 +13,8 @@ import argparse
 import torch
 
 from dataset import DEFAULT_ALIGN, align_tag, run_path, split_sequences
-from models import BACKBONES, EXPERTS, GATES, build_model, check_checkpoint, model_from_checkpoint, read_checkpoint
-from trainer import add_training_args, finish, fit, is_main_process, reuse_finished, setup
+from models import BACKBONES, EXPERTS, GATE_INITS, GATES, build_model, check_checkpoint, model_from_checkpoint, read_checkpoint
+from trainer import add_training_args, finish, fit, is_main_process, parse_args, reuse_finished, setup
 
 
 def parse_experts(text):
@@ -35,13 +35,19 @@ def main():
     p.add_argument("--experts", type=parse_experts, default=list(EXPERTS), help="experts kept, of id,align,llm (Eq. 8-10); paper: all three")
     p.add_argument("--gate", default="freq", choices=GATES,
                    help="freq: Eq. (11) on bucket b(i) and expert state (paper); bucket: authors' release; none: one global weight per expert")
-    args = p.parse_args()
+    p.add_argument("--gate-init", default="uniform", choices=GATE_INITS,
+                   help="uniform, or the authors' release's ramp over the buckets (ID 1->0, LLM 0->1, alignment "
+                        "about 1-2%%); paper: not given")
+    p.add_argument("--gate-weight-decay", type=float, default=None,
+                   help="AdamW weight decay of the gate's parameters; default --weight-decay (authors' release: 0.01)")
+    args = parse_args(p, "finetune")
 
     data, device = setup(args)
     name = data["name"]
-    args.pretrain = str(args.pretrain or run_path(name, "pretrain", backbone=args.backbone, seed=args.seed, loss=args.loss))
+    tags = {"loss": args.loss, "preset": args.preset}  # the inputs of a CE or preset pipeline are named alike
+    args.pretrain = str(args.pretrain or run_path(name, "pretrain", backbone=args.backbone, seed=args.seed, **tags))
     if "align" in args.experts:
-        args.align = str(args.align or run_path(name, "align", backbone=args.backbone, seed=args.seed, loss=args.loss,
+        args.align = str(args.align or run_path(name, "align", backbone=args.backbone, seed=args.seed, **tags,
                                                  **DEFAULT_ALIGN))
     else:
         args.align = None
@@ -54,10 +60,13 @@ def main():
         check_checkpoint(ckpts["align"], data, paths["align"], phase=2, backbone=args.backbone, like=ckpts["id"]["model_args"])
         tag = align_tag(*(ckpts["align"]["args"][k] for k in ("kernel", "anchor", "gamma")))
     out = args.out or run_path(name, "finetune", backbone=args.backbone, gate=args.gate, experts=args.experts,
-                               align=tag, seed=args.seed, loss=args.loss)
+                               align=tag, seed=args.seed, **tags)
     if reuse_finished(out, data, args):
         return
-    model_args = {**ckpts["id"]["model_args"], "kind": "pad", "experts": list(args.experts), "gate": args.gate}
+    model_args = {**ckpts["id"]["model_args"], "kind": "pad", "experts": list(args.experts), "gate": args.gate,
+                  "gate_init": args.gate_init}
+    if "align" in ckpts:
+        model_args["fuse_dropout"] = ckpts["align"]["model_args"].get("fuse_dropout", 0.0)
     model_args.pop("expert")
 
     # --- Eq. (8)-(10): ID expert from phase 1, alignment expert from phase 2, new LLM expert ---

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 BACKBONES = ("sasrec", "gru4rec", "caser")
 EXPERTS = ("id", "align", "llm")
 GATES = ("freq", "bucket", "none")
+BLOCKS = ("ours", "authors")  # SASRec block variants (--sasrec-block)
+GATE_INITS = ("uniform", "ramp")  # --gate-init
 
 
 # --- Sequence encoders: (B, L, d) item representations -> (B, L, d) states ---------------
@@ -28,19 +30,18 @@ GATES = ("freq", "bucket", "none")
 
 
 class SelfAttentionBlock(nn.Module):
-    """One SASRec block: causal multi-head self-attention + point-wise feed-forward.
+    """One SASRec block: causal multi-head self-attention + point-wise feed-forward of width
+    ffn, post-LayerNorm residuals (as in the authors' release; Kang & McAuley (2018) and
+    SASRec.pytorch normalise before attention). bias: on the attention projections."""
 
-    DEVIATION: post-LayerNorm residual blocks, as in the authors' release; Kang & McAuley
-    (2018) and SASRec.pytorch normalise before attention (pre-LN on the queries).
-    """
-
-    def __init__(self, d, n_heads, dropout):
+    def __init__(self, d, n_heads, dropout, ffn=None, bias=True):
         super().__init__()
         self.n_heads, self.dropout = n_heads, dropout
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
+        self.qkv = nn.Linear(d, 3 * d, bias=bias)
+        self.proj = nn.Linear(d, d, bias=bias)
         self.ln_attn = nn.LayerNorm(d)
-        self.ffn = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d, d))
+        ffn = ffn or d
+        self.ffn = nn.Sequential(nn.Linear(d, ffn), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn, d))
         self.ln_ffn = nn.LayerNorm(d)
         self.drop = nn.Dropout(dropout)
 
@@ -55,18 +56,36 @@ class SelfAttentionBlock(nn.Module):
 
 
 class SASRec(nn.Module):
-    """SASRec encoder (Kang & McAuley, 2018): scaled item representations + learned
-    positions, then causal self-attention blocks; padding positions are zeroed."""
+    """SASRec encoder (Kang & McAuley, 2018): item representations + learned positions, then
+    causal self-attention blocks; padding positions are zeroed.
 
-    def __init__(self, d, L, n_blocks=5, n_heads=2, dropout=0.1):
+    block "ours": items scaled by sqrt(d), feed-forward width d, PyTorch's initialisation.
+    block "authors" (the authors' release): LayerNorm on item + position embeddings, no
+    scaling, feed-forward width 4d, attention projections without bias, Xavier-normal weights.
+    DEVIATION: "ours" is the default (--sasrec-block authors for theirs; README)."""
+
+    def __init__(self, d, L, n_blocks=5, n_heads=2, dropout=0.1, block="ours"):
         super().__init__()
+        if block not in BLOCKS:
+            raise ValueError(f"unknown SASRec block {block!r}; choose one of {', '.join(BLOCKS)} (--sasrec-block)")
+        self.block = block
         self.pos = nn.Embedding(L, d)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(SelfAttentionBlock(d, n_heads, dropout) for _ in range(n_blocks))
+        authors = block == "authors"
+        self.ln_in = nn.LayerNorm(d) if authors else None
+        self.blocks = nn.ModuleList(SelfAttentionBlock(d, n_heads, dropout, ffn=4 * d if authors else d, bias=not authors)
+                                    for _ in range(n_blocks))
+        if authors:
+            for name, w in self.named_parameters():
+                if w.dim() > 1:
+                    nn.init.xavier_normal_(w)
+                elif name.endswith("bias"):
+                    nn.init.zeros_(w)
 
     def forward(self, e, mask):
         B, L, d = e.shape  # e: (B, L, d), mask: (B, L) True on real items
-        x = e * math.sqrt(d) + self.pos(torch.arange(L, device=e.device))  # (B, L, d)
+        pos = self.pos(torch.arange(L, device=e.device))  # (L, d)
+        x = self.ln_in(e + pos) if self.ln_in is not None else e * math.sqrt(d) + pos  # (B, L, d)
         x = self.drop(x) * mask.unsqueeze(-1)
         causal = torch.ones(L, L, dtype=torch.bool, device=e.device).tril()  # (L, L) key <= query
         # a query may see real keys up to itself; itself always, so padded rows stay finite
@@ -126,9 +145,9 @@ class Caser(nn.Module):
         return z * mask.unsqueeze(-1)
 
 
-def make_encoder(backbone, d, L, n_blocks, n_heads, dropout):
+def make_encoder(backbone, d, L, n_blocks, n_heads, dropout, block="ours"):
     if backbone == "sasrec":
-        return SASRec(d, L, n_blocks, n_heads, dropout)
+        return SASRec(d, L, n_blocks, n_heads, dropout, block)
     if backbone == "gru4rec":
         return GRU4Rec(d, L, dropout=dropout)
     if backbone == "caser":
@@ -178,12 +197,14 @@ class AlignedItems(nn.Module):
     """The alignment expert's item representation (Eq. 6, 9): the ID embedding h^c_a and
     the reduced text embedding h^s_a fused as GELU(Linear([h^c_a ; h^s_a])). `parts` gives
     both halves for the MK-MMD of Eq. (5).
-    DEVIATION: the authors' release puts dropout 0.1 before the Linear layer; here there is none."""
+    DEVIATION: no dropout before the Linear layer by default; the authors' release has 0.1
+    (fuse_dropout, align.py --fuse-dropout 0.1)."""
 
-    def __init__(self, n_items, text_emb, d, dropout):
+    def __init__(self, n_items, text_emb, d, dropout, fuse_dropout=0.0):
         super().__init__()
         self.id = IDItems(n_items, d)
         self.f_mlp = TextMLP(text_emb, d, dropout)
+        self.fuse_drop = nn.Dropout(fuse_dropout) if fuse_dropout else nn.Identity()
         self.fuse = nn.Linear(2 * d, d)
 
     def parts(self, items):
@@ -191,7 +212,7 @@ class AlignedItems(nn.Module):
 
     def forward(self, items):
         h_c, h_s = self.parts(items)
-        return F.gelu(self.fuse(torch.cat([h_c, h_s], dim=-1)))  # (..., d)
+        return F.gelu(self.fuse(self.fuse_drop(torch.cat([h_c, h_s], dim=-1))))  # (..., d)
 
 
 class ChunkItems(nn.Module):
@@ -265,14 +286,15 @@ def make_expert(kind, n_items, text_emb, cfg):
     if kind == "id":
         items = IDItems(n_items, d)
     elif kind == "align":
-        items = AlignedItems(n_items, text_emb, d, cfg["dropout"])
+        items = AlignedItems(n_items, text_emb, d, cfg["dropout"], cfg.get("fuse_dropout", 0.0))
     elif kind == "llm":
         items = TextMLP(text_emb, d, cfg["dropout"])  # h^s = f_MLP(SG(h_text), w'), Eq. (10)
     elif kind == "disco":
         items = ChunkItems(n_items, text_emb, d, cfg["dropout"])
     else:
         raise ValueError(f"unknown expert {kind!r}; choose from {', '.join(EXPERTS)} or disco")
-    encoder = make_encoder(cfg["backbone"], d, cfg["L"], cfg["n_blocks"], cfg["n_heads"], cfg["dropout"])
+    encoder = make_encoder(cfg["backbone"], d, cfg["L"], cfg["n_blocks"], cfg["n_heads"], cfg["dropout"],
+                           cfg.get("block", "ours"))
     return Expert(items, encoder, n_items)
 
 
@@ -281,14 +303,31 @@ def make_expert(kind, n_items, text_emb, cfg):
 # states, K x (..., d), to probabilities (..., K) that are positive and sum to 1.
 
 
+# The authors' release starts its gate from a ramp over the buckets b = 0..B: logit 1 -> 0 for the
+# ID expert, 0 -> 1 for the LLM expert, ALIGN_RAMP -> ALIGN_RAMP - 1 for the alignment expert,
+# sigmoid-normalised (ALIGN_RAMP is a per-run argument there; -4 gives the alignment expert 1-2%).
+ALIGN_RAMP = -4.0
+
+
+def ramp_logits(experts, n_buckets):
+    """(B+1, K) sigmoid-gate logits of the authors' initial ramp, one column per expert name."""
+    start = {"id": (1.0, 0.0), "llm": (0.0, 1.0), "align": (ALIGN_RAMP, ALIGN_RAMP - 1.0)}
+    return torch.stack([torch.linspace(*start[k], n_buckets + 1) for k in experts], dim=1)
+
+
 class FrequencyGate(nn.Module):
     """Eq. (11), `--gate freq`: g_k = softmax_k(a_k[b(i)] + w_k . h_k), a linear gate on
-    [one-hot(b(i)); h_k], the bucket of the target item and expert k's state."""
+    [one-hot(b(i)); h_k], the bucket of the target item and expert k's state. init "ramp":
+    a = log sigmoid(ramp), so that the initial g equals the authors' ramp."""
 
-    def __init__(self, n_buckets, d, K):
+    def __init__(self, n_buckets, d, experts, init="uniform"):
         super().__init__()
+        K = len(experts)
         self.a = nn.Embedding(n_buckets + 1, K)  # bucket part, one column per expert
         nn.init.zeros_(self.a.weight)
+        if init == "ramp":
+            with torch.no_grad():
+                self.a.weight.copy_(F.logsigmoid(ramp_logits(experts, n_buckets)))
         self.w = nn.Parameter(torch.zeros(K, d))  # state part
 
     def forward(self, bucket, h):
@@ -298,12 +337,16 @@ class FrequencyGate(nn.Module):
 
 class BucketGate(nn.Module):
     """`--gate bucket`, the authors' release: one learnable weight per expert per bucket,
-    sigmoid-normalised, g_k = sigmoid(v_k[b]) / sum_j sigmoid(v_j[b]); no expert state."""
+    sigmoid-normalised, g_k = sigmoid(v_k[b]) / sum_j sigmoid(v_j[b]); no expert state.
+    init "ramp": v starts from the authors' ramp (ramp_logits)."""
 
-    def __init__(self, n_buckets, d, K):
+    def __init__(self, n_buckets, d, experts, init="uniform"):
         super().__init__()
-        self.v = nn.Embedding(n_buckets + 1, K)
+        self.v = nn.Embedding(n_buckets + 1, len(experts))
         nn.init.zeros_(self.v.weight)
+        if init == "ramp":
+            with torch.no_grad():
+                self.v.weight.copy_(ramp_logits(experts, n_buckets))
 
     def forward(self, bucket, h):
         s = torch.sigmoid(self.v(bucket))  # (..., K)
@@ -314,19 +357,22 @@ class GlobalGate(nn.Module):
     """`--gate none`, the "w/o frequency-aware gating" ablation (Sec. 4.7): one global
     learnable weight per expert, softmax-normalised, the same for every item."""
 
-    def __init__(self, n_buckets, d, K):
+    def __init__(self, n_buckets, d, experts, init="uniform"):
         super().__init__()
-        self.v = nn.Parameter(torch.zeros(K))
+        if init != "uniform":
+            raise ValueError(f"--gate-init {init} needs a per-bucket gate (--gate freq or bucket)")
+        self.v = nn.Parameter(torch.zeros(len(experts)))
 
     def forward(self, bucket, h):
         return torch.softmax(self.v, dim=0).expand(*bucket.shape, -1)  # (..., K)
 
 
-def make_gate(gate, n_buckets, d, K):
+def make_gate(gate, n_buckets, d, experts, init="uniform"):
+    """The gate over the named experts (in order), initialised uniform or as the authors' ramp."""
     gates = {"freq": FrequencyGate, "bucket": BucketGate, "none": GlobalGate}
     if gate not in gates:
         raise ValueError(f"unknown gate {gate!r}; choose one of {', '.join(GATES)} (--gate)")
-    return gates[gate](n_buckets, d, K)
+    return gates[gate](n_buckets, d, list(experts), init)
 
 
 # --- PAD: triple experts with frequency-aware gating (Sec. 3.3) ---------------------------
@@ -473,7 +519,7 @@ def build_model(model_args, data):
     if model_args["kind"] == "expert":
         return make_expert(model_args["expert"], n_items, text_emb, model_args)
     experts = {k: make_expert(k, n_items, text_emb, model_args) for k in model_args["experts"]}
-    gate = make_gate(model_args["gate"], data["n_buckets"], model_args["d"], len(experts))
+    gate = make_gate(model_args["gate"], data["n_buckets"], model_args["d"], experts, model_args.get("gate_init", "uniform"))
     return PAD(experts, gate, data["item_bucket"], data["n_buckets"])
 
 
@@ -491,7 +537,7 @@ def read_checkpoint(path, keys=("phase", "model_args", "state", "fingerprint")):
     return ckpt
 
 
-ENCODER_ARGS = ("backbone", "d", "L", "n_blocks", "n_heads", "dropout")
+ENCODER_ARGS = ("backbone", "d", "L", "n_blocks", "n_heads", "dropout", "block")
 
 
 def check_checkpoint(ckpt, data, path, phase=None, backbone=None, like=None):
@@ -507,7 +553,8 @@ def check_checkpoint(ckpt, data, path, phase=None, backbone=None, like=None):
         raise SystemExit(f"{path} uses backbone {ckpt['model_args']['backbone']!r}, not {backbone!r}; "
                          f"pass a checkpoint of the same backbone")
     if like is not None:
-        diff = {k: (ckpt["model_args"][k], like[k]) for k in ENCODER_ARGS if ckpt["model_args"][k] != like[k]}
+        diff = {k: (ckpt["model_args"].get(k), like.get(k)) for k in ENCODER_ARGS
+                if ckpt["model_args"].get(k) != like.get(k)}
         if diff:
             raise SystemExit(f"{path} was built with {', '.join(f'{k}={a}' for k, (a, b) in diff.items())} but the "
                              f"phase-1 checkpoint with {', '.join(f'{k}={b}' for k, (a, b) in diff.items())}; "

@@ -11,7 +11,8 @@ import argparse
 
 from dataset import run_path
 from models import BACKBONES, make_expert
-from trainer import add_model_args, add_training_args, finish, fit, is_main_process, model_config, reuse_finished, setup
+from trainer import (add_model_args, add_training_args, finish, fit, is_main_process, model_config, parse_args,
+                     reuse_finished, setup)
 
 
 def main():
@@ -20,12 +21,13 @@ def main():
     p.add_argument("--backbone", default="sasrec", choices=BACKBONES, help="sequential recommender f_theta; paper: sasrec (Table 3: gru4rec, caser)")
     add_model_args(p)
     p.set_defaults(lr=None)
-    args = p.parse_args()
+    args = parse_args(p, "pretrain")
     if args.lr is None:  # GRU4Rec from scratch plateaus within the patience window at 1e-3 on ml-100k
         args.lr = 3e-3 if args.backbone == "gru4rec" else 1e-3
 
     data, device = setup(args)
-    out = args.out or run_path(data["name"], "pretrain", backbone=args.backbone, seed=args.seed, loss=args.loss)
+    out = args.out or run_path(data["name"], "pretrain", backbone=args.backbone, seed=args.seed, loss=args.loss,
+                               preset=args.preset)
     if reuse_finished(out, data, args):
         return
     model_args = {"kind": "expert", "expert": "id", **model_config(data, args)}

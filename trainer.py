@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from dataset import atomic_save, atomic_write_text, load_dataset, split_sequences
 from evaluate import evaluate, format_metrics, parse_device, protocol
-from models import read_checkpoint
+from models import BLOCKS, read_checkpoint
 
 K = 10  # HR@K / nDCG@K of validation and test; paper: 10 (Sec. 4.1.2)
 
@@ -56,11 +56,22 @@ def add_training_args(p):
                    help="L_REC: bce, Eq. (1) with one sampled negative per position (paper); ce, softmax "
                         "cross-entropy over all N items (beyond the paper: the strong baseline)")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay; paper: 0.1 (Appendix A)")
-    p.add_argument("--patience", type=int, default=10, help="early stopping: epochs without a better valid nDCG@10; paper: 10")
+    # DEVIATION: early stopping on validation nDCG@10 with patience 10 (Appendix A gives the early-stop
+    # epoch 10, no metric), testing the best epoch; the authors' release watches HR@10 with patience
+    # about 20 and tests the last epoch (--stop-metric hr --patience 20 --test-epoch last).
+    p.add_argument("--patience", type=int, default=10, help="early stopping: epochs without a better validation "
+                   "--stop-metric; paper: 10 (Appendix A); authors' release: about 20")
+    p.add_argument("--stop-metric", default="ndcg", choices=("ndcg", "hr"),
+                   help="validation metric of early stopping: nDCG@10 or HR@10 (authors' release: hr; paper: not given)")
+    p.add_argument("--test-epoch", default="best", choices=("best", "last"),
+                   help="weights tested and saved: the best validation epoch's or the last epoch's (authors' release: last)")
     p.add_argument("--keep-repeated-targets", action="store_true",
                    help="rank a target that repeats an earlier item of the user among the others; default: it counts "
                         "as a miss, since all earlier items are masked (the authors' rule)")
     p.add_argument("--eval-batch-size", type=int, default=512, help="users ranked at once in evaluation (bounds memory)")
+    p.add_argument("--preset", default="none", choices=tuple(PRESETS),
+                   help="authors: the settings of the authors' release (506c72d) where the paper is silent, as "
+                        "defaults that any flag given on the command line overrides (trainer.PRESETS)")
     p.add_argument("--out", default=None, help="checkpoint path; default runs/NAME/<script>_<settings>_seedS.pt")
     p.add_argument("--overwrite", action="store_true",
                    help="retrain and replace OUT even when it is a finished run (by default a finished run with the "
@@ -71,6 +82,28 @@ def add_training_args(p):
                         "epoch; removed when a run finishes) with the same flags; --epochs may change")
 
 
+# --preset authors: the authors' release (Applied-Machine-Learning-Lab/PAD at 506c72d) where the paper
+# gives no value, per script; every entry is a flag of its own. Not in it: --batch-size (the paper's
+# 16 is a flag; 128 is the CPU default) and InfoNCE's weight 0.01 (pass --kernel infonce --gamma 0.01).
+PRESETS = {
+    "none": {},
+    "authors": {
+        "all": {"lr": 1e-5, "stop_metric": "hr", "patience": 20, "test_epoch": "last", "sasrec_block": "authors"},
+        "align": {"gamma": 0.2, "mmd_rows": "batch", "fuse_dropout": 0.1, "tau": 0.1},
+        "finetune": {"lr": 1e-4, "gate": "bucket", "gate_init": "ramp", "gate_weight_decay": 0.01},
+    },
+}
+
+
+def parse_args(p, script):
+    """argparse with --preset: the preset's values for `script` become the defaults, then the
+    command line is read again, so a flag given explicitly always wins."""
+    preset = PRESETS[p.parse_known_args()[0].preset]
+    known = {a.dest for a in p._actions}
+    p.set_defaults(**{k: v for k, v in {**preset.get("all", {}), **preset.get(script, {})}.items() if k in known})
+    return p.parse_args()
+
+
 def add_model_args(p):
     """Sizes of a model built from scratch (pretrain.py, baselines.py); later phases read
     them from the phase-1 checkpoint."""
@@ -79,12 +112,15 @@ def add_model_args(p):
     p.add_argument("--n-blocks", type=int, default=5, help="SASRec self-attention blocks; authors' release: 5")
     p.add_argument("--n-heads", type=int, default=2, help="SASRec attention heads; authors' release: 2")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout probability; paper: 0.1 (Appendix A)")
+    p.add_argument("--sasrec-block", default="ours", choices=BLOCKS,
+                   help="SASRec's block: ours (sqrt(d)-scaled inputs, feed-forward width d) or the authors' release's "
+                        "(LayerNorm on inputs, width 4d, no attention bias, Xavier init); paper: not given")
 
 
 def model_config(data, args):
     """The encoder configuration of a model built from scratch (a checkpoint's model_args)."""
     return {"backbone": args.backbone, "d": args.d, "L": data["max_len"] - 3, "n_blocks": args.n_blocks,
-            "n_heads": args.n_heads, "dropout": args.dropout}
+            "n_heads": args.n_heads, "dropout": args.dropout, "block": args.sasrec_block}
 
 
 def setup(args):
@@ -190,7 +226,7 @@ class PhaseLoss(nn.Module):
                 rec = bce_loss(*self.model.bce_logits(seq, pos, neg), mask)
         loss, logs = (rec if self.use_rec_loss else 0.0), {self.rec_loss: rec.detach()}
         if self.extra_loss is not None:
-            term, extra_logs = self.extra_loss(self.model, seq, pos)
+            term, extra_logs = self.extra_loss(self.model, seq, pos, neg)
             loss, logs = loss + term, {**logs, **extra_logs}
         return loss, logs
 
@@ -199,7 +235,7 @@ class PhaseLoss(nn.Module):
 
 # flags that may differ between two runs with the same output: they do not change the weights
 # (the data is compared by its fingerprint, not by the name it was given)
-SAME_RUN_FREE = ("resume", "quiet", "out", "overwrite", "threads", "eval_batch_size", "data")
+SAME_RUN_FREE = ("resume", "quiet", "out", "overwrite", "threads", "eval_batch_size", "data", "preset")
 RESUME_FREE = (*SAME_RUN_FREE, "epochs")
 
 
@@ -256,10 +292,10 @@ def read_state(path, data, args):
 
 def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
     """Alg. 1's loop: mini-batches of users, L_REC (Eq. 1 / 6) plus, if given, the phase's
-    extra term extra_loss(model, seq, pos) -> (term, {name: value to log}); AdamW,
-    validation nDCG@10 after each epoch, early stopping with patience. After each epoch
+    extra term extra_loss(model, seq, pos, neg) -> (term, {name: value to log}); AdamW,
+    validation --stop-metric after each epoch, early stopping with patience. After each epoch
     the state (weights, AdamW, RNGs, best so far, log) goes to OUT.last.pt for --resume.
-    Returns the model with its best-validation weights restored and the epoch log.
+    Returns the model with its best-validation (or, --test-epoch last, last) weights and the log.
 
     Under torchrun (world_size() > 1) every process draws the same negatives and user order
     and trains on its shard of the users; DDP all-reduces the gradients, so the weights stay
@@ -283,7 +319,12 @@ def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
         # the frozen text table and the buckets are equal on every rank: never broadcast them per step
         step_loss = nn.parallel.DistributedDataParallel(step_loss, device_ids=[device] if device.type == "cuda" else None,
                                                         broadcast_buffers=False, find_unused_parameters=True)
-    opt = torch.optim.AdamW([w for w in model.parameters() if w.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+    trained = [(n, w) for n, w in model.named_parameters() if w.requires_grad]
+    gate_decay = getattr(args, "gate_weight_decay", None)  # finetune.py: the gate may decay differently
+    groups = [{"params": [w for _, w in trained]}] if gate_decay is None else [
+        {"params": [w for n, w in trained if not n.startswith("gate.")]},
+        {"params": [w for n, w in trained if n.startswith("gate.")], "weight_decay": gate_decay}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed)  # negatives and batch order
     epoch, best, best_state, log, since_best = 0, -1.0, None, [], 0
     last = state_path(out)
@@ -300,7 +341,7 @@ def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
             print(f"resumed from {last} after epoch {epoch}", flush=True)
     elif last.exists() and main:
         print(f"starting over: {last} of an earlier run will be overwritten (--resume continues it)", flush=True)
-    validate = lambda: evaluate(model, data, "valid", K, args.eval_batch_size, args.keep_repeated_targets)  # noqa: E731
+    stop = {"ndcg": f"nDCG@{K}", "hr": f"HR@{K}"}[args.stop_metric]
     while epoch < args.epochs and since_best < args.patience:
         epoch += 1
         t0 = time.time()
@@ -328,15 +369,15 @@ def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
             opt.step()
             for name, v in logs.items():
                 sums[name] = sums.get(name, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-        valid = validate() if main else None
+        valid = evaluate(model, data, "valid", K, args.eval_batch_size, args.keep_repeated_targets) if main else None
         if world > 1:
             valid = broadcast(valid)  # the same early-stopping decision on every rank
         row = {"epoch": epoch, **{n: v / len(batches) for n, v in sums.items()},
                f"valid_HR@{K}": valid[f"HR@{K}"], f"valid_nDCG@{K}": valid[f"nDCG@{K}"], "seconds": time.time() - t0}
         log.append(row)
-        better = valid[f"nDCG@{K}"] > best
+        better = valid[stop] > best
         if better:
-            best, best_state, since_best = valid[f"nDCG@{K}"], copy.deepcopy(model.state_dict()), 0
+            best, best_state, since_best = valid[stop], copy.deepcopy(model.state_dict()), 0
         else:
             since_best += 1
         if not main:
@@ -350,9 +391,9 @@ def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
                      "best": best, "best_state": best_state, "since_best": since_best, "log": log,
                      "args": vars(args), "fingerprint": data["fingerprint"]}, last)
     if since_best >= args.patience and main:
-        print(f"early stop: no better valid nDCG@{K} for {args.patience} epochs", flush=True)
-    # DEVIATION: the authors' release tests the last epoch's weights; we restore the best-validation ones.
-    model.load_state_dict(best_state)
+        print(f"early stop: no better valid {stop} for {args.patience} epochs", flush=True)
+    if args.test_epoch == "best":  # DEVIATION (default): the authors' release tests the last epoch's weights
+        model.load_state_dict(best_state)
     if world > 1:
         checksum = sum(w.double().sum().item() for w in model.state_dict().values() if w.is_floating_point())
         print(f"rank {rank} of {world}: trained weights checksum {checksum:.10e}", flush=True)
@@ -374,10 +415,12 @@ def finish(model, model_args, data, args, phase, log, out, extra=None):
     other = evaluate(model, data, "test", K, args.eval_batch_size, not keep)
     rules = {("repeat_kept" if keep else "repeat_is_miss"): test, ("repeat_is_miss" if keep else "repeat_kept"): other}
     print(f"phase {phase} test: {format_metrics(test)}  (full ranking {eval_seconds:.2f}s)")
-    best_epoch = max(log, key=lambda r: r[f"valid_nDCG@{K}"])["epoch"] if log else 0  # 0: nothing trained
+    stop = {"ndcg": f"valid_nDCG@{K}", "hr": f"valid_HR@{K}"}[args.stop_metric]
+    best_epoch = max(log, key=lambda r: r[stop])["epoch"] if log else 0  # 0: nothing trained
+    tested = best_epoch if args.test_epoch == "best" else len(log)
     metrics = {"phase": phase, "valid": valid, "test": test,
                "test_rules": {r: {m: v[m] for m in (f"HR@{K}", f"nDCG@{K}")} for r, v in rules.items()},
-               "best_epoch": best_epoch, "epochs": log, "eval_seconds": eval_seconds, **(extra or {})}
+               "best_epoch": best_epoch, "tested_epoch": tested, "epochs": log, "eval_seconds": eval_seconds, **(extra or {})}
     ckpt = {"phase": phase, "model_args": model_args, "state": {k: v.cpu() for k, v in model.state_dict().items()},
             "args": vars(args), "dataset": data["name"], "n_items": data["n_items"],
             "fingerprint": data["fingerprint"], "metrics": json.loads(json.dumps(metrics))}

@@ -83,7 +83,8 @@ def train_figures(phase, data, args, device, emit):
     --warmup steps; each step as in trainer.fit: negatives, loss, backward, AdamW."""
     torch.manual_seed(0)
     model = phase_model(phase, data, args).to(device).train()
-    extra = mmd_term(argparse.Namespace(kernel="gaussian", gamma=0.1, anchor="rec", mmd_sample=512)) if phase == 2 else None
+    extra = mmd_term(argparse.Namespace(kernel="gaussian", gamma=0.1, anchor="rec", mmd_sample=512, mmd_rows="items")) \
+        if phase == 2 else None
     step_loss = PhaseLoss(model, extra, use_rec_loss=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     train_in, train_pos = split_sequences(data["seqs"], "train")  # (U, L) each

@@ -46,7 +46,8 @@ def test_every_experiment_writes_its_files(all_experiments):
 
 def test_table2_rows_and_significance(all_experiments):
     rows = list(csv.DictReader(open(all_experiments / "table2.csv")))
-    labels = ["SASRec", "text-kNN", "text-kNN (mean)", "Hybrid", "MoRec", "CTRL", "MAKE", "DisCo", "SMEM", "PAD"]
+    labels = ["SASRec", "SASRec (CE)", "text-kNN", "text-kNN (mean)", "Hybrid", "MoRec", "CTRL", "MAKE", "DisCo", "SMEM",
+              "PAD"]
     assert sorted({r["label"] for r in rows}) == sorted(labels)
     assert all(sum(r["label"] == lb for r in rows) == 2 for lb in labels)  # two seeds each
     for r in rows:

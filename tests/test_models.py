@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from evaluate import target_ranks  # noqa: E402
-from models import (BACKBONES, Caser, EXPERTS, GATES, PAD, build_model, make_expert, make_gate,  # noqa: E402
+from models import (BACKBONES, Caser, EXPERTS, GATES, PAD, SASRec, build_model, make_expert, make_gate,  # noqa: E402
                     model_from_checkpoint, read_checkpoint)
 from trainer import bce_loss, ce_loss, sample_negatives  # noqa: E402
 
@@ -184,14 +184,14 @@ def loop_pad_scores(experts, gate, kind, bucket, seq):
 
 def make_pad(names, gate_kind, seed=0, backbone="sasrec"):
     experts = {k: expert(k, backbone, seed=seed + i) for i, k in enumerate(names)}
-    gate = randomise(make_gate(gate_kind, N_BUCKETS, D, len(names)), seed)
+    gate = randomise(make_gate(gate_kind, N_BUCKETS, D, names), seed)
     return PAD(experts, gate, item_bucket(), N_BUCKETS).eval()
 
 
 @pytest.mark.parametrize("gate_kind", GATES)
 def test_gate_probabilities_positive_and_sum_to_one(gate_kind):
     K = 3
-    gate = randomise(make_gate(gate_kind, N_BUCKETS, D, K), 3)
+    gate = randomise(make_gate(gate_kind, N_BUCKETS, D, EXPERTS), 3)
     buckets = torch.arange(1, N_BUCKETS + 1).expand(4, -1)  # (4 users, every bucket)
     h = [torch.randn(4, 1, D, generator=gen(k)) for k in range(K)]
     with torch.no_grad():
@@ -407,3 +407,44 @@ def test_read_checkpoint_refuses_other_files(tmp_path):
     torch.save({"phase": 1, "model_args": {}, "state": {}, "fingerprint": "x", "obj": torch.nn.Linear(2, 2)}, pickled)
     with pytest.raises(SystemExit, match="pickled.pt: not a readable PAD checkpoint"):  # weights_only refuses it
         read_checkpoint(str(pickled))
+
+
+# --- The authors' variants (--preset authors): SASRec block and the gate's ramp --------------
+
+
+def test_authors_sasrec_block_is_causal_and_shaped_as_theirs():
+    torch.manual_seed(0)
+    enc = SASRec(D, L, n_blocks=2, n_heads=2, dropout=0.0, block="authors").eval()
+    block = enc.blocks[0]
+    assert block.qkv.bias is None and block.proj.bias is None  # attention projections without bias
+    assert block.ffn[0].out_features == 4 * D and enc.ln_in is not None  # width 4d, LayerNorm on the inputs
+    e, mask = torch.randn(2, L, D, generator=gen(0)), torch.ones(2, L, dtype=torch.bool)
+    with torch.no_grad():
+        out = enc(e, mask)
+        later = e.clone()
+        later[:, 5:] = torch.randn(2, L - 5, D, generator=gen(1))
+        assert torch.allclose(enc(later, mask)[:, :5], out[:, :5], atol=1e-6)  # causal
+        enc.pos.weight.zero_()  # without positions, LayerNorm on the inputs makes the scale of e irrelevant
+        assert torch.allclose(enc(e * 7.0, mask), enc(e, mask), atol=1e-4)
+
+
+@pytest.mark.parametrize("names", [EXPERTS, ("id", "llm"), ("align", "llm")])
+def test_gate_ramp_starts_at_the_authors_probabilities(names):
+    """sigmoid-normalised ramp over buckets 0..B: ID 1 -> 0, LLM 0 -> 1, alignment -4 -> -5;
+    the bucket gate starts there, and the freq gate (softmax of log-sigmoid, state weights 0) too."""
+    import numpy as np
+
+    ramp = {"id": np.linspace(1, 0, N_BUCKETS + 1), "llm": np.linspace(0, 1, N_BUCKETS + 1),
+            "align": np.linspace(-4, -5, N_BUCKETS + 1)}
+    s = np.stack([1 / (1 + np.exp(-ramp[k])) for k in names], 1)  # (B+1, K)
+    want = torch.tensor(s / s.sum(1, keepdims=True), dtype=torch.float32)
+    buckets = torch.arange(N_BUCKETS + 1).expand(2, -1)
+    h = [torch.randn(2, 1, D, generator=gen(k)) for k in range(len(names))]
+    for kind in ("bucket", "freq"):
+        with torch.no_grad():
+            g = make_gate(kind, N_BUCKETS, D, names, init="ramp")(buckets, h)  # (2, B+1, K)
+        assert torch.allclose(g[0], want, atol=1e-6) and torch.allclose(g[1], want, atol=1e-6)
+    if "llm" in names and "id" in names:  # the LLM expert's share grows from warm to cold buckets
+        assert want[1, names.index("llm")] < want[N_BUCKETS, names.index("llm")]
+    with pytest.raises(ValueError, match="per-bucket gate"):
+        make_gate("none", N_BUCKETS, D, names, init="ramp")
