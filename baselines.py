@@ -129,6 +129,9 @@ def main():
         morec = args.morec
         ckpt = read_checkpoint(morec)
         check_checkpoint(ckpt, data, morec, phase="baseline morec", backbone=args.backbone, like=cfg)
+        if ckpt["model_args"].get("text_norm", "none") != cfg["text_norm"]:
+            raise SystemExit(f"{morec} was trained with --text-norm {ckpt['model_args'].get('text_norm', 'none')}; "
+                             f"pass the same --text-norm")
         model_args = {**cfg, "kind": "pad", "experts": ["id", "llm"], "gate": "none"}
         model = build_model(model_args, data)
         model.experts["llm"].load_state_dict(model_from_checkpoint(ckpt, data, morec).state_dict())

@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from dataset import DEFAULT_ALIGN, align_tag, run_path, split_sequences
-from models import BACKBONES, EXPERTS, GATE_INITS, GATES, build_model, check_checkpoint, model_from_checkpoint, read_checkpoint
+from models import BACKBONES, EXPERTS, GATE_INITS, GATES, TEXT_NORMS, build_model, check_checkpoint, model_from_checkpoint, read_checkpoint
 from trainer import add_training_args, finish, fit, is_main_process, parse_args, reuse_finished, setup
 
 
@@ -40,6 +40,9 @@ def main():
                         "about 1-2%%); paper: not given")
     p.add_argument("--gate-weight-decay", type=float, default=None,
                    help="AdamW weight decay of the gate's parameters; default --weight-decay (authors' release: 0.01)")
+    p.add_argument("--text-norm", default=None, choices=TEXT_NORMS,
+                   help="input of the LLM expert's f_MLP; default: the phase-2 run's (--text-norm of align.py), "
+                        "else none; both text experts read the table alike")
     args = parse_args(p, "finetune")
 
     data, device = setup(args)
@@ -59,6 +62,12 @@ def main():
     if "align" in ckpts:
         check_checkpoint(ckpts["align"], data, paths["align"], phase=2, backbone=args.backbone, like=ckpts["id"]["model_args"])
         tag = align_tag(*(ckpts["align"]["args"][k] for k in ("kernel", "anchor", "gamma")))
+        aligned = ckpts["align"]["model_args"].get("text_norm", "none")
+        if args.text_norm not in (None, aligned):
+            raise SystemExit(f"--text-norm {args.text_norm}: {paths['align']} was trained with --text-norm {aligned}; "
+                             f"pass that, or a phase-2 run made with --text-norm {args.text_norm}")
+        args.text_norm = aligned
+    args.text_norm = args.text_norm or "none"
     out = args.out or run_path(name, "finetune", backbone=args.backbone, gate=args.gate, experts=args.experts,
                                align=tag, seed=args.seed, **tags)
     if reuse_finished(out, data, args):
@@ -67,6 +76,7 @@ def main():
                   "gate_init": args.gate_init}
     if "align" in ckpts:
         model_args["fuse_dropout"] = ckpts["align"]["model_args"].get("fuse_dropout", 0.0)
+    model_args["text_norm"] = args.text_norm
     model_args.pop("expert")
 
     # --- Eq. (8)-(10): ID expert from phase 1, alignment expert from phase 2, new LLM expert ---

@@ -23,6 +23,7 @@ EXPERTS = ("id", "align", "llm")
 GATES = ("freq", "bucket", "none")
 BLOCKS = ("ours", "authors")  # SASRec block variants (--sasrec-block)
 GATE_INITS = ("uniform", "ramp")  # --gate-init
+TEXT_NORMS = ("none", "standard")  # --text-norm
 
 
 # --- Sequence encoders: (B, L, d) item representations -> (B, L, d) states ---------------
@@ -165,18 +166,34 @@ class TextMLP(nn.Module):
     As in the authors' release: d_text -> d with GELU, then four [dropout, linear, GELU].
     The text table is a non-persistent buffer: frozen (stop-gradient) and never copied
     into checkpoints; it is re-attached from the prepared dataset.
+
+    norm "standard" (--text-norm, beyond the paper) standardises each dimension of the input
+    over the N items (a fixed, frozen affine map; padding stays zero): MiniLM's unit rows have
+    per-dimension spreads of ~0.05, which leave f_MLP's first layer near zero.
     """
 
-    def __init__(self, text_emb, d, dropout, n_layers=4):
+    def __init__(self, text_emb, d, dropout, n_layers=4, norm="none", chunk=65536):
         super().__init__()
+        if norm not in TEXT_NORMS:
+            raise ValueError(f"unknown text norm {norm!r}; choose one of {', '.join(TEXT_NORMS)} (--text-norm)")
         self.register_buffer("h_text", text_emb, persistent=False)  # (N+1, d_text)
+        self.norm = norm
+        if norm == "standard":  # statistics of items 1..N in float64, in chunks of rows
+            rows = [text_emb[i:i + chunk].double() for i in range(1, len(text_emb), chunk)]
+            mean = sum(r.sum(0) for r in rows) / (len(text_emb) - 1)
+            var = sum(((r - mean) ** 2).sum(0) for r in rows) / max(len(text_emb) - 2, 1)
+            self.register_buffer("mean", mean.float(), persistent=False)  # (d_text,)
+            self.register_buffer("std", var.sqrt().clamp_min(1e-8).float(), persistent=False)
         layers = [nn.Linear(text_emb.shape[1], d), nn.GELU()]
         for _ in range(n_layers):
             layers += [nn.Dropout(dropout), nn.Linear(d, d), nn.GELU()]
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, items):
-        return self.mlp(self.h_text[items].float())  # (..., d); h_text is never updated
+        x = self.h_text[items].float()  # (..., d_text); h_text is never updated
+        if self.norm == "standard":
+            x = ((x - self.mean) / self.std) * (items != 0).unsqueeze(-1)
+        return self.mlp(x)  # (..., d)
 
 
 class IDItems(nn.Module):
@@ -200,10 +217,10 @@ class AlignedItems(nn.Module):
     DEVIATION: no dropout before the Linear layer by default; the authors' release has 0.1
     (fuse_dropout, align.py --fuse-dropout 0.1)."""
 
-    def __init__(self, n_items, text_emb, d, dropout, fuse_dropout=0.0):
+    def __init__(self, n_items, text_emb, d, dropout, fuse_dropout=0.0, text_norm="none"):
         super().__init__()
         self.id = IDItems(n_items, d)
-        self.f_mlp = TextMLP(text_emb, d, dropout)
+        self.f_mlp = TextMLP(text_emb, d, dropout, norm=text_norm)
         self.fuse_drop = nn.Dropout(fuse_dropout) if fuse_dropout else nn.Identity()
         self.fuse = nn.Linear(2 * d, d)
 
@@ -221,10 +238,10 @@ class ChunkItems(nn.Module):
     over the frozen text table), concatenated; `parts` gives the chunks for its sufficiency
     and disentanglement losses (disco_losses)."""
 
-    def __init__(self, n_items, text_emb, d, dropout):
+    def __init__(self, n_items, text_emb, d, dropout, text_norm="none"):
         super().__init__()
         self.id = IDItems(n_items, d // 2)
-        self.f_mlp = TextMLP(text_emb, d - d // 2, dropout)
+        self.f_mlp = TextMLP(text_emb, d - d // 2, dropout, norm=text_norm)
 
     def parts(self, items):
         return self.id(items), self.f_mlp(items)  # (..., d/2) each
@@ -280,17 +297,18 @@ class Expert(nn.Module):
 def make_expert(kind, n_items, text_emb, cfg):
     """Build the ID ('id', Eq. 8), alignment ('align', Eq. 9) or LLM ('llm', Eq. 10) expert,
     or DisCo's chunked single recommender ('disco'). cfg holds backbone, d, L, n_blocks,
-    n_heads, dropout (the model_args of a checkpoint). Trained alone from scratch, 'align'
-    is the Hybrid baseline and 'llm' is MoRec (baselines.py)."""
-    d = cfg["d"]
+    n_heads, dropout and optionally block, fuse_dropout, text_norm (the model_args of a
+    checkpoint). Trained alone from scratch, 'align' is the Hybrid baseline and 'llm' is
+    MoRec (baselines.py)."""
+    d, text_norm = cfg["d"], cfg.get("text_norm", "none")
     if kind == "id":
         items = IDItems(n_items, d)
     elif kind == "align":
-        items = AlignedItems(n_items, text_emb, d, cfg["dropout"], cfg.get("fuse_dropout", 0.0))
+        items = AlignedItems(n_items, text_emb, d, cfg["dropout"], cfg.get("fuse_dropout", 0.0), text_norm)
     elif kind == "llm":
-        items = TextMLP(text_emb, d, cfg["dropout"])  # h^s = f_MLP(SG(h_text), w'), Eq. (10)
+        items = TextMLP(text_emb, d, cfg["dropout"], norm=text_norm)  # h^s = f_MLP(SG(h_text), w'), Eq. (10)
     elif kind == "disco":
-        items = ChunkItems(n_items, text_emb, d, cfg["dropout"])
+        items = ChunkItems(n_items, text_emb, d, cfg["dropout"], text_norm)
     else:
         raise ValueError(f"unknown expert {kind!r}; choose from {', '.join(EXPERTS)} or disco")
     encoder = make_encoder(cfg["backbone"], d, cfg["L"], cfg["n_blocks"], cfg["n_heads"], cfg["dropout"],

@@ -158,6 +158,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="texts per encoder forward pass (not in the paper)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                    help="device of the text encoder; default: cuda when available (paper: V100 GPUs, Sec. 4.1.4)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of the encoder (default: PyTorch's, one per core)")
     args = p.parse_args(argv)
     if args.min_interactions < 3 or args.max_len < 3:
         p.error("--min-interactions and --max-len must be >= 3 (training, validation and test items)")
@@ -774,6 +775,8 @@ def prepare(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         data = prepare(args)
     except PrepareError as e:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from dataset import atomic_save, atomic_write_text, load_dataset, split_sequences
 from evaluate import evaluate, format_metrics, parse_device, protocol
-from models import BLOCKS, read_checkpoint
+from models import BLOCKS, TEXT_NORMS, read_checkpoint
 
 K = 10  # HR@K / nDCG@K of validation and test; paper: 10 (Sec. 4.1.2)
 
@@ -112,6 +112,9 @@ def add_model_args(p):
     p.add_argument("--n-blocks", type=int, default=5, help="SASRec self-attention blocks; authors' release: 5")
     p.add_argument("--n-heads", type=int, default=2, help="SASRec attention heads; authors' release: 2")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout probability; paper: 0.1 (Appendix A)")
+    p.add_argument("--text-norm", default="none", choices=TEXT_NORMS,
+                   help="input of f_MLP (Eq. 7): the frozen text table as it is (paper), or standardised per "
+                        "dimension over the items (beyond the paper)")
     p.add_argument("--sasrec-block", default="ours", choices=BLOCKS,
                    help="SASRec's block: ours (sqrt(d)-scaled inputs, feed-forward width d) or the authors' release's "
                         "(LayerNorm on inputs, width 4d, no attention bias, Xavier init); paper: not given")
@@ -120,7 +123,7 @@ def add_model_args(p):
 def model_config(data, args):
     """The encoder configuration of a model built from scratch (a checkpoint's model_args)."""
     return {"backbone": args.backbone, "d": args.d, "L": data["max_len"] - 3, "n_blocks": args.n_blocks,
-            "n_heads": args.n_heads, "dropout": args.dropout, "block": args.sasrec_block}
+            "n_heads": args.n_heads, "dropout": args.dropout, "block": args.sasrec_block, "text_norm": args.text_norm}
 
 
 def setup(args):

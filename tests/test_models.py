@@ -448,3 +448,22 @@ def test_gate_ramp_starts_at_the_authors_probabilities(names):
         assert want[1, names.index("llm")] < want[N_BUCKETS, names.index("llm")]
     with pytest.raises(ValueError, match="per-bucket gate"):
         make_gate("none", N_BUCKETS, D, names, init="ramp")
+
+
+def test_text_norm_standard_is_a_fixed_per_dimension_zscore():
+    """--text-norm standard: f_MLP reads (h_text - mean) / std over items 1..N, per dimension,
+    padding kept at zero; the statistics are buffers, never trained or saved."""
+    from models import TextMLP
+
+    text = text_table() * 0.05 + 0.3  # small spread, offset: the regime of unit-norm MiniLM rows
+    mlp = TextMLP(text, D, 0.0, norm="standard", chunk=7)  # statistics accumulated in chunks of rows
+    seen = []
+    mlp.mlp[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    items = torch.tensor([[0, 3, 5], [N, 1, 2]])
+    mlp(items)
+    rows = text[1:].double()
+    z = ((text.double() - rows.mean(0)) / rows.std(0)).float()
+    z[0] = 0
+    assert torch.allclose(seen[0], z[items], atol=1e-5)
+    assert not any("mean" in k or "std" in k for k in mlp.state_dict())
+    assert all(not b.requires_grad for b in (mlp.mean, mlp.std))

@@ -476,3 +476,13 @@ def test_preset_authors_sets_its_flags_and_a_flag_given_wins(work, dataset):
     for ckpt in (a1, a2, a3):
         assert ckpt["metrics"]["tested_epoch"] == 2  # --test-epoch last
         assert ckpt["metrics"]["best_epoch"] == max(ckpt["metrics"]["epochs"], key=lambda r: r["valid_HR@10"])["epoch"]
+
+
+def test_text_norm_flows_from_phase_2_and_a_mismatch_is_refused(work, dataset, phase1):
+    p2, p3 = work / "align_std.pt", work / "finetune_std.pt"
+    run("align.py", "--data", dataset, "--init", phase1["sasrec"][0], "--text-norm", "standard", *TRAIN, "--out", p2)
+    run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", p2, *TRAIN, "--out", p3)
+    assert load(p2)["model_args"]["text_norm"] == load(p3)["model_args"]["text_norm"] == "standard"
+    r = run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", p2, "--text-norm", "none",
+            *TRAIN, "--out", work / "unused.pt", ok=False)
+    refused(r, str(p2), "--text-norm standard")
