@@ -427,10 +427,11 @@ class PAD(nn.Module):
 
     def bce_logits(self, seq, pos, neg):
         h = self.states(seq)  # K x (B, L, d)
-        experts = self.experts.values()
-        o_pos = [(h_k * e.items(pos)).sum(-1) for h_k, e in zip(h, experts)]  # K x (B, L): o_k of Eq. (8)-(10)
-        o_neg = [(h_k * e.items(neg)).sum(-1) for h_k, e in zip(h, experts)]
-        return self.fuse(o_pos, h, self.bucket[pos]), self.fuse(o_neg, h, self.bucket[neg])
+        logits = []
+        for items in (pos, neg):  # (B, L) targets: Phi of each, positive first
+            o = [(h_k * e.items(items)).sum(-1) for h_k, e in zip(h, self.experts.values())]  # K x (B, L): o_k
+            logits.append(self.fuse(o, h, self.bucket[items]))
+        return tuple(logits)
 
     def all_logits(self, seq):
         """Phi of every item at every position, (B, L, N+1), for trainer.py's --loss ce; the gate
