@@ -95,11 +95,15 @@ PRESETS = {
 }
 
 
+FLAG_DEFAULTS = {}  # every flag's default, filled by parse_args: a flag an older run did not record had it
+
+
 def parse_args(p, script):
     """argparse with --preset: the preset's values for `script` become the defaults, then the
     command line is read again, so a flag given explicitly always wins."""
     preset = PRESETS[p.parse_known_args()[0].preset]
     known = {a.dest for a in p._actions}
+    FLAG_DEFAULTS.update({k: p.get_default(k) for k in known})  # before the preset: what a run without it meant
     p.set_defaults(**{k: v for k, v in {**preset.get("all", {}), **preset.get(script, {})}.items() if k in known})
     return p.parse_args()
 
@@ -243,7 +247,9 @@ RESUME_FREE = (*SAME_RUN_FREE, "epochs")
 
 
 def flag_diff(then, now, free):
-    """'--flag A (now B)' for every flag set differently in two vars(args) dicts."""
+    """'--flag A (now B)' for every flag set differently in two vars(args) dicts; a flag that
+    the earlier run did not record (it did not exist yet) counts at its default."""
+    then = {**{k: FLAG_DEFAULTS[k] for k in now if k not in then and k in FLAG_DEFAULTS}, **then}
     return [f"--{k.replace('_', '-')} {then.get(k)} (now {now.get(k)})" for k in sorted(now.keys() | then.keys())
             if k not in free and now.get(k) != then.get(k)]
 

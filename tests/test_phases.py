@@ -486,3 +486,13 @@ def test_text_norm_flows_from_phase_2_and_a_mismatch_is_refused(work, dataset, p
     r = run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", p2, "--text-norm", "none",
             *TRAIN, "--out", work / "unused.pt", ok=False)
     refused(r, str(p2), "--text-norm standard")
+
+
+def test_a_flag_an_older_run_did_not_record_counts_at_its_default():
+    import trainer
+
+    trainer.FLAG_DEFAULTS.update({"text_norm": "none", "lr": 1e-3})
+    older = {"lr": 1e-3, "seed": 0}  # made before --text-norm existed
+    assert trainer.flag_diff(older, {"lr": 1e-3, "seed": 0, "text_norm": "none"}, ()) == []
+    assert trainer.flag_diff(older, {"lr": 1e-3, "seed": 0, "text_norm": "standard"}, ()) == \
+        ["--text-norm none (now standard)"]
