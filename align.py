@@ -62,6 +62,9 @@ def main():
     p.add_argument("--text-norm", default="none", choices=TEXT_NORMS,
                    help="input of the alignment expert's f_MLP (Eq. 7): the frozen text table as it is (paper), or "
                         "standardised per dimension over the items (beyond the paper)")
+    p.add_argument("--text-layers", type=int, default=4,
+                   help="hidden layers of the alignment expert's f_MLP after its first linear layer (Eq. 7); "
+                        "authors' release: 4")
     p.add_argument("--tau", type=float, default=TAU, help="InfoNCE temperature τ of Eq. (16) (--kernel infonce); "
                    "paper: not given; authors' release: 0.1")
     p.add_argument("--mmd-sample", type=int, default=512, help="at most this many real behaviour items per batch enter the MMD (not in the paper; the authors' release feeds every slot of the batch: inputs, targets, negatives and padding)")
@@ -79,7 +82,7 @@ def main():
     ckpt1 = read_checkpoint(args.init)
     phase1 = model_from_checkpoint(ckpt1, data, args.init, phase=1, backbone=args.backbone)
     model_args = {**ckpt1["model_args"], "expert": "align", "fuse_dropout": args.fuse_dropout,
-                  "text_norm": args.text_norm}
+                  "text_norm": args.text_norm, "text_layers": args.text_layers}
 
     # --- The alignment expert: phase-1 ID table h^c and encoder, new f_MLP over SG(h_text) ---
     model = make_expert("align", data["n_items"], data["text_emb"], model_args)

@@ -129,9 +129,10 @@ def main():
         morec = args.morec
         ckpt = read_checkpoint(morec)
         check_checkpoint(ckpt, data, morec, phase="baseline morec", backbone=args.backbone, like=cfg)
-        if ckpt["model_args"].get("text_norm", "none") != cfg["text_norm"]:
-            raise SystemExit(f"{morec} was trained with --text-norm {ckpt['model_args'].get('text_norm', 'none')}; "
-                             f"pass the same --text-norm")
+        for flag, key, default in (("--text-norm", "text_norm", "none"), ("--text-layers", "text_layers", 4)):
+            if ckpt["model_args"].get(key, default) != cfg[key]:
+                raise SystemExit(f"{morec} was trained with {flag} {ckpt['model_args'].get(key, default)}; "
+                                 f"pass the same {flag}")
         model_args = {**cfg, "kind": "pad", "experts": ["id", "llm"], "gate": "none"}
         model = build_model(model_args, data)
         model.experts["llm"].load_state_dict(model_from_checkpoint(ckpt, data, morec).state_dict())

@@ -14,7 +14,7 @@ import torch
 
 from dataset import DEFAULT_ALIGN, align_tag, run_path, split_sequences
 from models import BACKBONES, EXPERTS, GATE_INITS, GATES, TEXT_NORMS, build_model, check_checkpoint, model_from_checkpoint, read_checkpoint
-from trainer import add_training_args, finish, fit, is_main_process, parse_args, reuse_finished, setup
+from trainer import FLAG_DEFAULTS, add_training_args, finish, fit, is_main_process, parse_args, reuse_finished, setup
 
 
 def parse_experts(text):
@@ -43,6 +43,8 @@ def main():
     p.add_argument("--text-norm", default=None, choices=TEXT_NORMS,
                    help="input of the LLM expert's f_MLP; default: the phase-2 run's (--text-norm of align.py), "
                         "else none; both text experts read the table alike")
+    p.add_argument("--text-layers", type=int, default=None,
+                   help="hidden layers of the LLM expert's f_MLP; default: the phase-2 run's, else 4")
     args = parse_args(p, "finetune")
 
     data, device = setup(args)
@@ -62,12 +64,15 @@ def main():
     if "align" in ckpts:
         check_checkpoint(ckpts["align"], data, paths["align"], phase=2, backbone=args.backbone, like=ckpts["id"]["model_args"])
         tag = align_tag(*(ckpts["align"]["args"][k] for k in ("kernel", "anchor", "gamma")))
-        aligned = ckpts["align"]["model_args"].get("text_norm", "none")
-        if args.text_norm not in (None, aligned):
-            raise SystemExit(f"--text-norm {args.text_norm}: {paths['align']} was trained with --text-norm {aligned}; "
-                             f"pass that, or a phase-2 run made with --text-norm {args.text_norm}")
-        args.text_norm = aligned
+        for flag, key, default in (("--text-norm", "text_norm", "none"), ("--text-layers", "text_layers", 4)):
+            aligned = ckpts["align"]["model_args"].get(key, default)  # both text experts read the table alike
+            if getattr(args, key) not in (None, aligned):
+                raise SystemExit(f"{flag} {getattr(args, key)}: {paths['align']} was trained with {flag} {aligned}; "
+                                 f"pass that, or a phase-2 run made with {flag} {getattr(args, key)}")
+            setattr(args, key, aligned)
     args.text_norm = args.text_norm or "none"
+    args.text_layers = 4 if args.text_layers is None else args.text_layers
+    FLAG_DEFAULTS.update(text_norm="none", text_layers=4)  # what a run made before these flags used
     out = args.out or run_path(name, "finetune", backbone=args.backbone, gate=args.gate, experts=args.experts,
                                align=tag, seed=args.seed, **tags)
     if reuse_finished(out, data, args):
@@ -76,7 +81,7 @@ def main():
                   "gate_init": args.gate_init}
     if "align" in ckpts:
         model_args["fuse_dropout"] = ckpts["align"]["model_args"].get("fuse_dropout", 0.0)
-    model_args["text_norm"] = args.text_norm
+    model_args.update(text_norm=args.text_norm, text_layers=args.text_layers)
     model_args.pop("expert")
 
     # --- Eq. (8)-(10): ID expert from phase 1, alignment expert from phase 2, new LLM expert ---

@@ -163,7 +163,8 @@ class TextMLP(nn.Module):
     """Eq. (7): f_MLP(SG(h_text), w), the learnable reduction of the frozen text table; with
     its own weights w' it is the LLM expert's item representation (Eq. 10).
 
-    As in the authors' release: d_text -> d with GELU, then four [dropout, linear, GELU].
+    As in the authors' release: d_text -> d with GELU, then n_layers = 4 [dropout, linear,
+    GELU] (--text-layers; 0 leaves one linear layer and its GELU).
     The text table is a non-persistent buffer: frozen (stop-gradient) and never copied
     into checkpoints; it is re-attached from the prepared dataset.
 
@@ -217,10 +218,10 @@ class AlignedItems(nn.Module):
     DEVIATION: no dropout before the Linear layer by default; the authors' release has 0.1
     (fuse_dropout, align.py --fuse-dropout 0.1)."""
 
-    def __init__(self, n_items, text_emb, d, dropout, fuse_dropout=0.0, text_norm="none"):
+    def __init__(self, n_items, text_emb, d, dropout, fuse_dropout=0.0, text=None):
         super().__init__()
         self.id = IDItems(n_items, d)
-        self.f_mlp = TextMLP(text_emb, d, dropout, norm=text_norm)
+        self.f_mlp = TextMLP(text_emb, d, dropout, **(text or {}))
         self.fuse_drop = nn.Dropout(fuse_dropout) if fuse_dropout else nn.Identity()
         self.fuse = nn.Linear(2 * d, d)
 
@@ -238,10 +239,10 @@ class ChunkItems(nn.Module):
     over the frozen text table), concatenated; `parts` gives the chunks for its sufficiency
     and disentanglement losses (disco_losses)."""
 
-    def __init__(self, n_items, text_emb, d, dropout, text_norm="none"):
+    def __init__(self, n_items, text_emb, d, dropout, text=None):
         super().__init__()
         self.id = IDItems(n_items, d // 2)
-        self.f_mlp = TextMLP(text_emb, d - d // 2, dropout, norm=text_norm)
+        self.f_mlp = TextMLP(text_emb, d - d // 2, dropout, **(text or {}))
 
     def parts(self, items):
         return self.id(items), self.f_mlp(items)  # (..., d/2) each
@@ -297,18 +298,19 @@ class Expert(nn.Module):
 def make_expert(kind, n_items, text_emb, cfg):
     """Build the ID ('id', Eq. 8), alignment ('align', Eq. 9) or LLM ('llm', Eq. 10) expert,
     or DisCo's chunked single recommender ('disco'). cfg holds backbone, d, L, n_blocks,
-    n_heads, dropout and optionally block, fuse_dropout, text_norm (the model_args of a
-    checkpoint). Trained alone from scratch, 'align' is the Hybrid baseline and 'llm' is
-    MoRec (baselines.py)."""
-    d, text_norm = cfg["d"], cfg.get("text_norm", "none")
+    n_heads, dropout and optionally block, fuse_dropout, text_norm, text_layers (the
+    model_args of a checkpoint). Trained alone from scratch, 'align' is the Hybrid baseline
+    and 'llm' is MoRec (baselines.py)."""
+    d = cfg["d"]
+    text = {"norm": cfg.get("text_norm", "none"), "n_layers": cfg.get("text_layers", 4)}  # f_MLP (Eq. 7)
     if kind == "id":
         items = IDItems(n_items, d)
     elif kind == "align":
-        items = AlignedItems(n_items, text_emb, d, cfg["dropout"], cfg.get("fuse_dropout", 0.0), text_norm)
+        items = AlignedItems(n_items, text_emb, d, cfg["dropout"], cfg.get("fuse_dropout", 0.0), text)
     elif kind == "llm":
-        items = TextMLP(text_emb, d, cfg["dropout"], norm=text_norm)  # h^s = f_MLP(SG(h_text), w'), Eq. (10)
+        items = TextMLP(text_emb, d, cfg["dropout"], **text)  # h^s = f_MLP(SG(h_text), w'), Eq. (10)
     elif kind == "disco":
-        items = ChunkItems(n_items, text_emb, d, cfg["dropout"], text_norm)
+        items = ChunkItems(n_items, text_emb, d, cfg["dropout"], text)
     else:
         raise ValueError(f"unknown expert {kind!r}; choose from {', '.join(EXPERTS)} or disco")
     encoder = make_encoder(cfg["backbone"], d, cfg["L"], cfg["n_blocks"], cfg["n_heads"], cfg["dropout"],

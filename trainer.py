@@ -119,6 +119,9 @@ def add_model_args(p):
     p.add_argument("--text-norm", default="none", choices=TEXT_NORMS,
                    help="input of f_MLP (Eq. 7): the frozen text table as it is (paper), or standardised per "
                         "dimension over the items (beyond the paper)")
+    p.add_argument("--text-layers", type=int, default=4,
+                   help="hidden [dropout, linear, GELU] layers of f_MLP (Eq. 7) after its first linear layer; "
+                        "paper: not given; authors' release: 4")
     p.add_argument("--sasrec-block", default="ours", choices=BLOCKS,
                    help="SASRec's block: ours (sqrt(d)-scaled inputs, feed-forward width d) or the authors' release's "
                         "(LayerNorm on inputs, width 4d, no attention bias, Xavier init); paper: not given")
@@ -127,7 +130,8 @@ def add_model_args(p):
 def model_config(data, args):
     """The encoder configuration of a model built from scratch (a checkpoint's model_args)."""
     return {"backbone": args.backbone, "d": args.d, "L": data["max_len"] - 3, "n_blocks": args.n_blocks,
-            "n_heads": args.n_heads, "dropout": args.dropout, "block": args.sasrec_block, "text_norm": args.text_norm}
+            "n_heads": args.n_heads, "dropout": args.dropout, "block": args.sasrec_block, "text_norm": args.text_norm,
+            "text_layers": args.text_layers}
 
 
 def setup(args):

@@ -496,3 +496,16 @@ def test_a_flag_an_older_run_did_not_record_counts_at_its_default():
     assert trainer.flag_diff(older, {"lr": 1e-3, "seed": 0, "text_norm": "none"}, ()) == []
     assert trainer.flag_diff(older, {"lr": 1e-3, "seed": 0, "text_norm": "standard"}, ()) == \
         ["--text-norm none (now standard)"]
+
+
+def test_text_layers_shape_f_mlp_and_flow_from_phase_2(work, dataset, phase1):
+    p2, p3 = work / "align_l0.pt", work / "finetune_l0.pt"
+    run("align.py", "--data", dataset, "--init", phase1["sasrec"][0], "--text-layers", "0", *TRAIN, "--out", p2)
+    run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", p2, *TRAIN, "--out", p3)
+    state = load(p3)["state"]
+    for expert in ("align.items.f_mlp", "llm.items"):  # one linear layer (and its GELU) in both text experts
+        assert sorted(k for k in state if k.startswith(f"experts.{expert}.mlp.")) == \
+            [f"experts.{expert}.mlp.0.bias", f"experts.{expert}.mlp.0.weight"]
+    r = run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", p2, "--text-layers", "4",
+            *TRAIN, "--out", work / "unused.pt", ok=False)
+    refused(r, str(p2), "--text-layers 0")
