@@ -14,8 +14,8 @@ import torch
 
 from dataset import DEFAULT_ALIGN, run_path
 from mmd import KERNELS, TAU, alignment_loss
-from models import BACKBONES, TEXT_NORMS, make_expert, model_from_checkpoint, read_checkpoint
-from trainer import add_training_args, finish, fit, is_main_process, parse_args, reuse_finished, setup
+from models import BACKBONES, make_expert, model_from_checkpoint, read_checkpoint
+from trainer import add_text_args, add_training_args, finish, fit, is_main_process, parse_args, reuse_finished, setup
 
 ANCHORS = ("rec", "none", "frozen")
 
@@ -59,12 +59,7 @@ def main():
                         "target, negatives, padding: the authors' release); paper: not given")
     p.add_argument("--fuse-dropout", type=float, default=0.0,
                    help="dropout before the alignment expert's fusion layer (authors' release: 0.1; paper: not given)")
-    p.add_argument("--text-norm", default="none", choices=TEXT_NORMS,
-                   help="input of the alignment expert's f_MLP (Eq. 7): the frozen text table as it is (paper), or "
-                        "standardised per dimension over the items (beyond the paper)")
-    p.add_argument("--text-layers", type=int, default=4,
-                   help="hidden layers of the alignment expert's f_MLP after its first linear layer (Eq. 7); "
-                        "authors' release: 4")
+    add_text_args(p)
     p.add_argument("--tau", type=float, default=TAU, help="InfoNCE temperature τ of Eq. (16) (--kernel infonce); "
                    "paper: not given; authors' release: 0.1")
     p.add_argument("--mmd-sample", type=int, default=512, help="at most this many real behaviour items per batch enter the MMD (not in the paper; the authors' release feeds every slot of the batch: inputs, targets, negatives and padding)")

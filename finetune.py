@@ -13,8 +13,9 @@ import argparse
 import torch
 
 from dataset import DEFAULT_ALIGN, align_tag, run_path, split_sequences
-from models import BACKBONES, EXPERTS, GATE_INITS, GATES, TEXT_NORMS, build_model, check_checkpoint, model_from_checkpoint, read_checkpoint
-from trainer import FLAG_DEFAULTS, add_training_args, finish, fit, is_main_process, parse_args, reuse_finished, setup
+from models import BACKBONES, EXPERTS, GATE_INITS, GATES, build_model, check_checkpoint, model_from_checkpoint, read_checkpoint
+from trainer import (FLAG_DEFAULTS, add_text_args, add_training_args, finish, fit, is_main_process, parse_args,
+                     reuse_finished, setup)
 
 
 def parse_experts(text):
@@ -40,11 +41,7 @@ def main():
                         "about 1-2%%); paper: not given")
     p.add_argument("--gate-weight-decay", type=float, default=None,
                    help="AdamW weight decay of the gate's parameters; default --weight-decay (authors' release: 0.01)")
-    p.add_argument("--text-norm", default=None, choices=TEXT_NORMS,
-                   help="input of the LLM expert's f_MLP; default: the phase-2 run's (--text-norm of align.py), "
-                        "else none; both text experts read the table alike")
-    p.add_argument("--text-layers", type=int, default=None,
-                   help="hidden layers of the LLM expert's f_MLP; default: the phase-2 run's, else 4")
+    add_text_args(p, inherit=True)
     args = parse_args(p, "finetune")
 
     data, device = setup(args)

@@ -116,15 +116,21 @@ def add_model_args(p):
     p.add_argument("--n-blocks", type=int, default=5, help="SASRec self-attention blocks; authors' release: 5")
     p.add_argument("--n-heads", type=int, default=2, help="SASRec attention heads; authors' release: 2")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout probability; paper: 0.1 (Appendix A)")
-    p.add_argument("--text-norm", default="none", choices=TEXT_NORMS,
-                   help="input of f_MLP (Eq. 7): the frozen text table as it is (paper), or standardised per "
-                        "dimension over the items (beyond the paper)")
-    p.add_argument("--text-layers", type=int, default=4,
-                   help="hidden [dropout, linear, GELU] layers of f_MLP (Eq. 7) after its first linear layer; "
-                        "paper: not given; authors' release: 4")
+    add_text_args(p)
     p.add_argument("--sasrec-block", default="ours", choices=BLOCKS,
                    help="SASRec's block: ours (sqrt(d)-scaled inputs, feed-forward width d) or the authors' release's "
                         "(LayerNorm on inputs, width 4d, no attention bias, Xavier init); paper: not given")
+
+
+def add_text_args(p, inherit=False):
+    """How f_MLP (Eq. 7) reads the frozen text table, for every script that builds one;
+    inherit (finetune.py): by default the phase-2 run's values, so both text experts agree."""
+    p.add_argument("--text-norm", default=None if inherit else "none", choices=TEXT_NORMS,
+                   help="input of f_MLP (Eq. 7): the frozen text table as it is (paper), or standardised per "
+                        "dimension over the items (beyond the paper)" + ("; default: the phase-2 run's" if inherit else ""))
+    p.add_argument("--text-layers", type=int, default=None if inherit else 4,
+                   help="hidden [dropout, linear, GELU] layers of f_MLP after its first linear layer; paper: not "
+                        "given; authors' release: 4" + ("; default: the phase-2 run's" if inherit else ""))
 
 
 def model_config(data, args):
