@@ -77,7 +77,7 @@ def main():
     ckpt1 = read_checkpoint(args.init)
     phase1 = model_from_checkpoint(ckpt1, data, args.init, phase=1, backbone=args.backbone)
     model_args = {**ckpt1["model_args"], "expert": "align", "fuse_dropout": args.fuse_dropout,
-                  "text_norm": args.text_norm, "text_layers": args.text_layers}
+                  "text_norm": args.text_norm, "text_layers": args.text_layers, "text_out": args.text_out}
 
     # --- The alignment expert: phase-1 ID table h^c and encoder, new f_MLP over SG(h_text) ---
     model = make_expert("align", data["n_items"], data["text_emb"], model_args)

@@ -129,10 +129,7 @@ def main():
         morec = args.morec
         ckpt = read_checkpoint(morec)
         check_checkpoint(ckpt, data, morec, phase="baseline morec", backbone=args.backbone, like=cfg)
-        for flag, key, default in (("--text-norm", "text_norm", "none"), ("--text-layers", "text_layers", 4)):
-            if ckpt["model_args"].get(key, default) != cfg[key]:
-                raise SystemExit(f"{morec} was trained with {flag} {ckpt['model_args'].get(key, default)}; "
-                                 f"pass the same {flag}")
+        match_text_args(args, ckpt["model_args"], morec)
         model_args = {**cfg, "kind": "pad", "experts": ["id", "llm"], "gate": "none"}
         model = build_model(model_args, data)
         model.experts["llm"].load_state_dict(model_from_checkpoint(ckpt, data, morec).state_dict())

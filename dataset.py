@@ -195,7 +195,7 @@ def bucket_groups(n_buckets):
 RUN_NAMES = {
     "pretrain": "pretrain_{backbone}{tags}_seed{seed}",
     "align": "align_{backbone}_{kernel}_{anchor}_gamma{gamma:g}{tags}_seed{seed}",
-    "finetune": "finetune_{backbone}_{gate}_{experts}{align}{tags}_seed{seed}",
+    "finetune": "finetune_{backbone}_{gate}_{experts}{align}{llm}{tags}_seed{seed}",
     "baseline": "baseline_{method}_{backbone}{tags}_seed{seed}",
 }
 DEFAULT_ALIGN = {"kernel": "gaussian", "anchor": "rec", "gamma": 0.1}  # align.py's defaults, finetune.py's input
@@ -208,8 +208,10 @@ def align_tag(kernel, anchor, gamma):
 
 def run_path(data_name, script, runs="runs", **settings):
     """runs/NAME/<script>_<settings>_seedS.pt, the checkpoint of one run; its metrics are the
-    .json beside it. finetune takes experts as a list and align as align_tag(...) or ''; a
-    loss other than the paper's bce (_ce) and a --preset (_authors) are named."""
+    .json beside it. finetune takes experts as a list, align as align_tag(...) or '' and
+    llm_init (a MoRec-seeded LLM expert, _llm-morec); a loss other than the paper's bce (_ce)
+    and a --preset (_authors) are named."""
+    settings["llm"] = "_llm-morec" if settings.pop("llm_init", False) else ""
     if isinstance(settings.get("experts"), (list, tuple)):
         settings["experts"] = "-".join(settings["experts"])
     loss, preset = settings.pop("loss", "bce"), settings.pop("preset", "none")

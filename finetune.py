@@ -14,8 +14,8 @@ import torch
 
 from dataset import DEFAULT_ALIGN, align_tag, run_path, split_sequences
 from models import BACKBONES, EXPERTS, GATE_INITS, GATES, build_model, check_checkpoint, model_from_checkpoint, read_checkpoint
-from trainer import (FLAG_DEFAULTS, add_text_args, add_training_args, finish, fit, is_main_process, parse_args,
-                     reuse_finished, setup)
+from trainer import (FLAG_DEFAULTS, TEXT_FLAGS, add_text_args, add_training_args, finish, fit, is_main_process,
+                     match_text_args, parse_args, reuse_finished, setup)
 
 
 def parse_experts(text):
@@ -41,6 +41,9 @@ def main():
                         "about 1-2%%); paper: not given")
     p.add_argument("--gate-weight-decay", type=float, default=None,
                    help="AdamW weight decay of the gate's parameters; default --weight-decay (authors' release: 0.01)")
+    p.add_argument("--llm-init", default=None,
+                   help="a baselines.py --method morec run that seeds the LLM expert (as MAKE does; beyond the paper, "
+                        "whose Alg. 1 line 15 loads the ID and alignment experts only); default: a new LLM expert")
     add_text_args(p, inherit=True)
     args = parse_args(p, "finetune")
 
@@ -53,38 +56,39 @@ def main():
                                                  **DEFAULT_ALIGN))
     else:
         args.align = None
-    paths = {"id": args.pretrain, "align": args.align}
-    ckpts = {k: read_checkpoint(paths[k]) for k in ("id", "align") if paths[k]}
+    if args.llm_init and "llm" not in args.experts:
+        raise SystemExit(f"--llm-init {args.llm_init}: seeds the LLM expert, which --experts {','.join(args.experts)} leaves out")
+    paths = {"id": args.pretrain, "align": args.align, "llm": args.llm_init}
+    ckpts = {k: read_checkpoint(paths[k]) for k in ("id", "align", "llm") if paths[k]}
     # every expert takes phase 1's encoder configuration, so phase 1 is checked even without the ID expert
     check_checkpoint(ckpts["id"], data, paths["id"], phase=1, backbone=args.backbone)
     tag = ""
     if "align" in ckpts:
         check_checkpoint(ckpts["align"], data, paths["align"], phase=2, backbone=args.backbone, like=ckpts["id"]["model_args"])
         tag = align_tag(*(ckpts["align"]["args"][k] for k in ("kernel", "anchor", "gamma")))
-        for flag, key, default in (("--text-norm", "text_norm", "none"), ("--text-layers", "text_layers", 4)):
-            aligned = ckpts["align"]["model_args"].get(key, default)  # both text experts read the table alike
-            if getattr(args, key) not in (None, aligned):
-                raise SystemExit(f"{flag} {getattr(args, key)}: {paths['align']} was trained with {flag} {aligned}; "
-                                 f"pass that, or a phase-2 run made with {flag} {getattr(args, key)}")
-            setattr(args, key, aligned)
-    args.text_norm = args.text_norm or "none"
-    args.text_layers = 4 if args.text_layers is None else args.text_layers
-    FLAG_DEFAULTS.update(text_norm="none", text_layers=4)  # what a run made before these flags used
+        match_text_args(args, ckpts["align"]["model_args"], paths["align"])  # both text experts read the table alike
+    if "llm" in ckpts:
+        check_checkpoint(ckpts["llm"], data, paths["llm"], phase="baseline morec", backbone=args.backbone,
+                         like=ckpts["id"]["model_args"])
+        match_text_args(args, ckpts["llm"]["model_args"], paths["llm"])
+    FLAG_DEFAULTS.update({key: default for _, key, default in TEXT_FLAGS})  # what a run made before these flags used
+    for _, key, default in TEXT_FLAGS:
+        setattr(args, key, default if getattr(args, key) is None else getattr(args, key))
     out = args.out or run_path(name, "finetune", backbone=args.backbone, gate=args.gate, experts=args.experts,
-                               align=tag, seed=args.seed, **tags)
+                               align=tag, llm_init=bool(args.llm_init), seed=args.seed, **tags)
     if reuse_finished(out, data, args):
         return
     model_args = {**ckpts["id"]["model_args"], "kind": "pad", "experts": list(args.experts), "gate": args.gate,
                   "gate_init": args.gate_init}
     if "align" in ckpts:
         model_args["fuse_dropout"] = ckpts["align"]["model_args"].get("fuse_dropout", 0.0)
-    model_args.update(text_norm=args.text_norm, text_layers=args.text_layers)
+    model_args.update({key: getattr(args, key) for _, key, _ in TEXT_FLAGS})
     model_args.pop("expert")
 
     # --- Eq. (8)-(10): ID expert from phase 1, alignment expert from phase 2, new LLM expert ---
     model = build_model(model_args, data)
-    for kind, phase in (("id", 1), ("align", 2)):
-        if kind in args.experts:
+    for kind, phase in (("id", 1), ("align", 2), ("llm", "baseline morec")):
+        if kind in args.experts and kind in ckpts:
             seeded = model_from_checkpoint(ckpts[kind], data, paths[kind], phase=phase, backbone=args.backbone)
             model.experts[kind].load_state_dict(seeded.state_dict())
     model.to(device)

@@ -24,6 +24,7 @@ GATES = ("freq", "bucket", "none")
 BLOCKS = ("ours", "authors")  # SASRec block variants (--sasrec-block)
 GATE_INITS = ("uniform", "ramp")  # --gate-init
 TEXT_NORMS = ("none", "standard")  # --text-norm
+TEXT_OUTS = ("gelu", "linear")  # --text-out
 
 
 # --- Sequence encoders: (B, L, d) item representations -> (B, L, d) states ---------------
@@ -164,7 +165,9 @@ class TextMLP(nn.Module):
     its own weights w' it is the LLM expert's item representation (Eq. 10).
 
     As in the authors' release: d_text -> d with GELU, then n_layers = 4 [dropout, linear,
-    GELU] (--text-layers; 0 leaves one linear layer and its GELU).
+    GELU] (--text-layers; 0 leaves one linear layer and its GELU). out "linear" (--text-out,
+    beyond the paper) drops the last GELU, so item vectors may point anywhere: after a GELU
+    every coordinate is >= -0.17, and dot products between items lose their sign.
     The text table is a non-persistent buffer: frozen (stop-gradient) and never copied
     into checkpoints; it is re-attached from the prepared dataset.
 
@@ -173,10 +176,12 @@ class TextMLP(nn.Module):
     per-dimension spreads of ~0.05, which leave f_MLP's first layer near zero.
     """
 
-    def __init__(self, text_emb, d, dropout, n_layers=4, norm="none", chunk=65536):
+    def __init__(self, text_emb, d, dropout, n_layers=4, norm="none", out="gelu", chunk=65536):
         super().__init__()
         if norm not in TEXT_NORMS:
             raise ValueError(f"unknown text norm {norm!r}; choose one of {', '.join(TEXT_NORMS)} (--text-norm)")
+        if out not in TEXT_OUTS:
+            raise ValueError(f"unknown f_MLP output {out!r}; choose one of {', '.join(TEXT_OUTS)} (--text-out)")
         self.register_buffer("h_text", text_emb, persistent=False)  # (N+1, d_text)
         self.norm = norm
         if norm == "standard":  # statistics of items 1..N in float64, in chunks of rows
@@ -188,6 +193,8 @@ class TextMLP(nn.Module):
         layers = [nn.Linear(text_emb.shape[1], d), nn.GELU()]
         for _ in range(n_layers):
             layers += [nn.Dropout(dropout), nn.Linear(d, d), nn.GELU()]
+        if out == "linear":
+            layers.pop()  # DEVIATION (--text-out linear): no activation on the item representation
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, items):
@@ -298,11 +305,12 @@ class Expert(nn.Module):
 def make_expert(kind, n_items, text_emb, cfg):
     """Build the ID ('id', Eq. 8), alignment ('align', Eq. 9) or LLM ('llm', Eq. 10) expert,
     or DisCo's chunked single recommender ('disco'). cfg holds backbone, d, L, n_blocks,
-    n_heads, dropout and optionally block, fuse_dropout, text_norm, text_layers (the
+    n_heads, dropout and optionally block, fuse_dropout, text_norm, text_layers, text_out (the
     model_args of a checkpoint). Trained alone from scratch, 'align' is the Hybrid baseline
     and 'llm' is MoRec (baselines.py)."""
     d = cfg["d"]
-    text = {"norm": cfg.get("text_norm", "none"), "n_layers": cfg.get("text_layers", 4)}  # f_MLP (Eq. 7)
+    text = {"norm": cfg.get("text_norm", "none"), "n_layers": cfg.get("text_layers", 4),
+            "out": cfg.get("text_out", "gelu")}  # f_MLP (Eq. 7)
     if kind == "id":
         items = IDItems(n_items, d)
     elif kind == "align":

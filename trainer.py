@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from dataset import atomic_save, atomic_write_text, load_dataset, split_sequences
 from evaluate import evaluate, format_metrics, parse_device, protocol
-from models import BLOCKS, TEXT_NORMS, read_checkpoint
+from models import BLOCKS, TEXT_NORMS, TEXT_OUTS, read_checkpoint
 
 K = 10  # HR@K / nDCG@K of validation and test; paper: 10 (Sec. 4.1.2)
 
@@ -122,22 +122,41 @@ def add_model_args(p):
                         "(LayerNorm on inputs, width 4d, no attention bias, Xavier init); paper: not given")
 
 
+# How f_MLP (Eq. 7) reads the text table: (flag, args key, value of a run that did not record it)
+TEXT_FLAGS = (("--text-norm", "text_norm", "none"), ("--text-layers", "text_layers", 4), ("--text-out", "text_out", "gelu"))
+
+
 def add_text_args(p, inherit=False):
     """How f_MLP (Eq. 7) reads the frozen text table, for every script that builds one;
     inherit (finetune.py): by default the phase-2 run's values, so both text experts agree."""
+    own = "; default: the phase-2 run's" if inherit else ""
     p.add_argument("--text-norm", default=None if inherit else "none", choices=TEXT_NORMS,
                    help="input of f_MLP (Eq. 7): the frozen text table as it is (paper), or standardised per "
-                        "dimension over the items (beyond the paper)" + ("; default: the phase-2 run's" if inherit else ""))
+                        "dimension over the items (beyond the paper)" + own)
     p.add_argument("--text-layers", type=int, default=None if inherit else 4,
                    help="hidden [dropout, linear, GELU] layers of f_MLP after its first linear layer; paper: not "
-                        "given; authors' release: 4" + ("; default: the phase-2 run's" if inherit else ""))
+                        "given; authors' release: 4" + own)
+    p.add_argument("--text-out", default=None if inherit else "gelu", choices=TEXT_OUTS,
+                   help="f_MLP's last activation: gelu (authors' release) or linear (none, beyond the paper)" + own)
+
+
+def match_text_args(args, model_args, path):
+    """Make args' text flags those of the run at `path` (its model_args): a flag left unset
+    (None) takes the run's value; one set otherwise is refused in one line, since two text
+    experts or a warm start must read the table alike."""
+    for flag, key, default in TEXT_FLAGS:
+        trained = model_args.get(key, default)
+        if getattr(args, key) not in (None, trained):
+            raise SystemExit(f"{flag} {getattr(args, key)}: {path} was trained with {flag} {trained}; "
+                             f"pass that, or a run made with {flag} {getattr(args, key)}")
+        setattr(args, key, trained)
 
 
 def model_config(data, args):
     """The encoder configuration of a model built from scratch (a checkpoint's model_args)."""
     return {"backbone": args.backbone, "d": args.d, "L": data["max_len"] - 3, "n_blocks": args.n_blocks,
             "n_heads": args.n_heads, "dropout": args.dropout, "block": args.sasrec_block, "text_norm": args.text_norm,
-            "text_layers": args.text_layers}
+            "text_layers": args.text_layers, "text_out": args.text_out}
 
 
 def setup(args):

@@ -467,3 +467,57 @@ def test_text_norm_standard_is_a_fixed_per_dimension_zscore():
     assert torch.allclose(seen[0], z[items], atol=1e-5)
     assert not any("mean" in k or "std" in k for k in mlp.state_dict())
     assert all(not b.requires_grad for b in (mlp.mean, mlp.std))
+
+
+def test_text_out_linear_drops_only_the_last_gelu():
+    """--text-out linear: f_MLP is the same network without its final GELU, so item vectors
+    may have coordinates below GELU's minimum (about -0.17); --text-out gelu never does."""
+    from models import TextMLP
+
+    torch.manual_seed(0)
+    gelu = TextMLP(text_table() * 3, D, 0.0, n_layers=1)
+    torch.manual_seed(0)
+    linear = TextMLP(text_table() * 3, D, 0.0, n_layers=1, out="linear")
+    assert [type(m).__name__ for m in linear.mlp] == ["Linear", "GELU", "Dropout", "Linear"]
+    items = torch.arange(N + 1)
+    x = text_table()[items] * 3
+    want = linear.mlp[3](torch.nn.functional.gelu(linear.mlp[0](x)))  # by hand
+    assert torch.allclose(linear(items), want, atol=1e-6)
+    assert torch.allclose(gelu(items), torch.nn.functional.gelu(want), atol=1e-6)  # same weights, one GELU more
+    assert linear(items).min() < -0.2 and gelu(items).min() >= -0.1701
+    with pytest.raises(ValueError, match="--text-out"):
+        TextMLP(text_table(), D, 0.0, out="relu")
+
+
+@pytest.mark.parametrize("init", ["uniform", "ramp"])
+def test_phase3_llm_expert_gradient_is_its_gate_share_of_the_loss(init):
+    """In phase 3 the LLM expert learns only through its gate share g_llm (Eq. 11): its
+    parameters' gradient equals that of sum g_llm * o_llm with g and the other experts'
+    logits fixed at their values, computed here expert by expert with loop_gate."""
+    pad = make_pad(EXPERTS, "freq")
+    with torch.no_grad():
+        pad.gate.w.zero_()  # the bucket part only, so g does not depend on the experts' states
+        if init == "ramp":
+            pad.gate.a.weight.copy_(make_gate("freq", N_BUCKETS, D, EXPERTS, init="ramp").a.weight)
+    seq = sequences()
+    pos, neg = torch.randint(1, N + 1, (2, len(seq), L), generator=gen(3))
+    mask = seq != 0
+    llm = pad.experts["llm"]
+    got = torch.autograd.grad(bce_loss(*pad.bce_logits(seq, pos, neg), mask), list(llm.parameters()))
+
+    h = {k: e(seq) for k, e in pad.experts.items()}  # (B, L, d) each
+    logits = []
+    for items in (pos, neg):
+        phi = torch.zeros(items.shape)
+        for b, row in enumerate(items):
+            for t, i in enumerate(row):
+                with torch.no_grad():
+                    g = loop_gate(pad.gate, "freq", int(pad.bucket[i]), [h[k][b, t] for k in EXPERTS])
+                for k, name in enumerate(EXPERTS):
+                    o = (h[name][b, t] * pad.experts[name].items(i)).sum()
+                    phi[b, t] = phi[b, t] + g[k] * (o if name == "llm" else o.detach())
+        logits.append(phi)
+    want = torch.autograd.grad(bce_loss(*logits, mask), list(llm.parameters()), allow_unused=True)
+    for name, a, b in zip([n for n, _ in llm.named_parameters()], got, want):
+        assert b is not None and torch.allclose(a, b, atol=1e-6), name
+    assert all(a.abs().sum() > 0 for a in got[:2])  # f_MLP's first layer learns

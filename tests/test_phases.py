@@ -509,3 +509,36 @@ def test_text_layers_shape_f_mlp_and_flow_from_phase_2(work, dataset, phase1):
     r = run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", p2, "--text-layers", "4",
             *TRAIN, "--out", work / "unused.pt", ok=False)
     refused(r, str(p2), "--text-layers 0")
+
+
+def test_llm_init_seeds_the_llm_expert_and_text_flags_flow(work, dataset, phase1):
+    """finetune.py --llm-init: the LLM expert starts from a MoRec run (checked: with lr 0 it
+    stays that run's weights); --text-out and the other text flags flow from phase 2, and a
+    MoRec run that reads the text otherwise is refused in one line."""
+    from dataset import DEFAULT_ALIGN, align_tag, run_path
+
+    named = dict(backbone="sasrec", gate="freq", experts=["id", "align", "llm"], align=align_tag(**DEFAULT_ALIGN), seed=0)
+    assert run_path("t", "finetune", **named, llm_init=True).name == \
+        "finetune_sasrec_freq_id-align-llm_gaussian_rec_gamma0.1_llm-morec_seed0.pt"
+    assert "llm-morec" not in run_path("t", "finetune", **named).name
+    text = ["--text-layers", "0", "--text-out", "linear"]
+    morec, p2 = work / "morec_lin.pt", work / "align_lin.pt"
+    run("baselines.py", "--data", dataset, "--method", "morec", *MODEL, *text, *TRAIN, "--out", morec)
+    run("align.py", "--data", dataset, "--init", phase1["sasrec"][0], *text, *TRAIN, "--out", p2)
+    p3 = work / "finetune_llm_init.pt"
+    r = run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", p2, "--llm-init", morec,
+            "--lr", "0", *TRAIN, "--out", p3)
+    assert str(morec) in r.stdout
+    seeded, got = load(morec)["state"], load(p3)
+    assert got["model_args"]["text_out"] == "linear" and got["metrics"]["init"]["llm"] == str(morec)
+    for key, value in seeded.items():
+        assert torch.equal(got["state"][f"experts.llm.{key}"], value), key
+    assert "experts.llm.items.mlp.1.weight" not in got["state"]  # one linear layer, no activation after it
+    gelu = work / "morec_gelu.pt"
+    run("baselines.py", "--data", dataset, "--method", "morec", *MODEL, "--text-layers", "0", *TRAIN, "--out", gelu)
+    r = run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", p2, "--llm-init", gelu,
+            *TRAIN, "--out", work / "unused.pt", ok=False)
+    refused(r, str(gelu), "--text-out gelu")
+    r = run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", p2, "--llm-init", morec,
+            "--experts", "id,align", *TRAIN, "--out", work / "unused.pt", ok=False)
+    refused(r, "--llm-init", "leaves out")
