@@ -534,6 +534,19 @@ def test_llm_init_seeds_the_llm_expert_and_text_flags_flow(work, dataset, phase1
     for key, value in seeded.items():
         assert torch.equal(got["state"][f"experts.llm.{key}"], value), key
     assert "experts.llm.items.mlp.1.weight" not in got["state"]  # one linear layer, no activation after it
+    # trained (default lr), the LLM expert's scores move away from the MoRec run's it started from
+    moved = work / "finetune_llm_moved.pt"
+    run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", p2, "--llm-init", morec,
+        *TRAIN, "--out", moved)
+    from dataset import load_dataset, split_sequences
+    from models import model_from_checkpoint, read_checkpoint
+
+    data = load_dataset(dataset)
+    seq, _ = split_sequences(data["seqs"], "test")
+    with torch.no_grad():
+        start = model_from_checkpoint(read_checkpoint(morec), data, morec).eval().full_scores(seq)
+        end = model_from_checkpoint(read_checkpoint(moved), data, moved).eval().experts["llm"].full_scores(seq)
+    assert (end - start)[:, 1:].abs().max() > 1e-3
     gelu = work / "morec_gelu.pt"
     run("baselines.py", "--data", dataset, "--method", "morec", *MODEL, "--text-layers", "0", *TRAIN, "--out", gelu)
     r = run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", p2, "--llm-init", gelu,
