@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from dataset import DEFAULT_ALIGN, run_path
+from dataset import DEFAULT_ALIGN, run_path, text_of
 from mmd import KERNELS, TAU, alignment_loss
 from models import BACKBONES, make_expert, model_from_checkpoint, read_checkpoint
 from trainer import add_text_args, add_training_args, finish, fit, is_main_process, parse_args, reuse_finished, setup
@@ -71,7 +71,7 @@ def main():
     args.init = str(args.init or run_path(data["name"], "pretrain", backbone=args.backbone, seed=args.seed,
                                           loss=args.loss, preset=args.preset))
     out = args.out or run_path(data["name"], "align", backbone=args.backbone, kernel=args.kernel, anchor=args.anchor,
-                               gamma=args.gamma, seed=args.seed, loss=args.loss, preset=args.preset)
+                               gamma=args.gamma, seed=args.seed, loss=args.loss, preset=args.preset, text=text_of(args))
     if reuse_finished(out, data, args):
         return
     ckpt1 = read_checkpoint(args.init)

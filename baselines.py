@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from dataset import atomic_save, run_path, split_sequences
+from dataset import atomic_save, run_path, split_sequences, text_of
 from mmd import TAU, info_nce
 from models import BACKBONES, build_model, check_checkpoint, disco_losses, make_expert, model_from_checkpoint, read_checkpoint
-from trainer import (add_model_args, add_training_args, finish, fit, is_main_process, model_config, parse_args,
-                     reuse_finished, setup)
+from trainer import (add_model_args, add_training_args, finish, fit, is_main_process, match_text_args, model_config,
+                     parse_args, reuse_finished, setup)
 
 METHODS = ("hybrid", "morec", "ctrl", "make", "disco", "textknn")
 
@@ -82,7 +82,7 @@ def main():
 
     data, device = setup(args)
     name = data["name"]
-    tags = {"loss": args.loss, "preset": args.preset}
+    tags = {"loss": args.loss, "preset": args.preset, "text": {} if args.method == "textknn" else text_of(args)}
     if args.method == "make":
         args.morec = str(args.morec or run_path(name, "baseline", method="morec", backbone=args.backbone, seed=args.seed,
                                                 **tags))

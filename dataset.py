@@ -206,14 +206,29 @@ def align_tag(kernel, anchor, gamma):
     return f"_{kernel}_{anchor}_gamma{gamma:g}"
 
 
+def text_of(args):
+    """The text flags (trainer.TEXT_FLAGS) of parsed arguments, None where unset."""
+    return {k: getattr(args, k, None) for k in ("text_norm", "text_layers", "text_out")}
+
+
+def text_tag(text_norm=None, text_layers=None, text_out=None):
+    """How f_MLP reads the text (trainer.TEXT_FLAGS) in a run's name, relative to the authors'
+    release (None: theirs): '' for theirs, else e.g. _text-std-l0-lin (standardised, 0 hidden
+    layers, linear out)."""
+    parts = (["std"] * (text_norm == "standard") + [f"l{text_layers}"] * (text_layers not in (None, 4))
+             + ["lin"] * (text_out == "linear"))
+    return "_text-" + "-".join(parts) if parts else ""
+
+
 def run_path(data_name, script, runs="runs", **settings):
     """runs/NAME/<script>_<settings>_seedS.pt, the checkpoint of one run; its metrics are the
     .json beside it. finetune takes experts as a list, align as align_tag(...) or '' and
-    llm_init (a MoRec-seeded LLM expert, _llm-morec); a loss other than the paper's bce (_ce)
-    and a --preset (_authors) are named."""
+    llm_init (a MoRec-seeded LLM expert, _llm-morec); text (a dict of text flags, text_tag), a
+    loss other than the paper's bce (_ce) and a --preset (_authors) are named."""
     settings["llm"] = "_llm-morec" if settings.pop("llm_init", False) else ""
     if isinstance(settings.get("experts"), (list, tuple)):
         settings["experts"] = "-".join(settings["experts"])
     loss, preset = settings.pop("loss", "bce"), settings.pop("preset", "none")
-    settings["tags"] = ("" if loss == "bce" else f"_{loss}") + ("" if preset == "none" else f"_{preset}")
+    settings["tags"] = (text_tag(**settings.pop("text", None) or {}) + ("" if loss == "bce" else f"_{loss}")
+                        + ("" if preset == "none" else f"_{preset}"))
     return Path(runs) / data_name / (RUN_NAMES[script].format(**settings) + ".pt")

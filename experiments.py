@@ -101,30 +101,43 @@ class Plan:
     def pretrain(self, seed, backbone="sasrec", loss="bce"):
         return self._run("pretrain", ["pretrain.py", "--backbone", backbone, "--loss", loss], seed, backbone=backbone, loss=loss)
 
-    def align(self, seed, kernel="gaussian", anchor="rec", gamma=None, backbone="sasrec"):
+    def align(self, seed, kernel="gaussian", anchor="rec", gamma=None, backbone="sasrec", loss="bce", text=None):
         gamma = self.gamma if gamma is None else gamma
-        p1 = self.pretrain(seed, backbone)
+        p1 = self.pretrain(seed, backbone, loss)
         return self._run("align", ["align.py", "--backbone", backbone, "--init", str(p1.out), "--kernel", kernel,
-                                   "--anchor", anchor, "--gamma", f"{gamma:g}"], seed, [p1],
-                         backbone=backbone, kernel=kernel, anchor=anchor, gamma=gamma)
+                                   "--anchor", anchor, "--gamma", f"{gamma:g}", "--loss", loss, *text_flags(text)], seed, [p1],
+                         backbone=backbone, kernel=kernel, anchor=anchor, gamma=gamma, loss=loss, text=text)
 
-    def finetune(self, seed, align=None, experts="id,align,llm", gate=None, backbone="sasrec"):
+    def finetune(self, seed, align=None, experts="id,align,llm", gate=None, backbone="sasrec", loss="bce", text=None,
+                 llm_init=False):
+        """llm_init: the LLM expert starts from the MoRec run of the same loss and text flags."""
         align, gate = align or self.pad_align, gate or self.gate
-        p1 = self.pretrain(seed, backbone)
-        cmd, deps, tag = ["finetune.py", "--backbone", backbone, "--pretrain", str(p1.out), "--experts", experts, "--gate", gate], [p1], ""
+        p1 = self.pretrain(seed, backbone, loss)
+        cmd = ["finetune.py", "--backbone", backbone, "--pretrain", str(p1.out), "--experts", experts, "--gate", gate,
+               "--loss", loss, *text_flags(text)]
+        deps, tag = [p1], ""
         if "align" in experts.split(","):
-            p2 = self.align(seed, *align, backbone=backbone)
+            p2 = self.align(seed, *align, backbone=backbone, loss=loss, text=text)
             cmd, deps, tag = cmd + ["--align", str(p2.out)], deps + [p2], align_tag(*align)
-        return self._run("finetune", cmd, seed, deps, backbone=backbone, gate=gate, experts=experts.split(","), align=tag)
+        if llm_init:
+            morec = self.baseline(seed, "morec", backbone, loss, text)
+            cmd, deps = cmd + ["--llm-init", str(morec.out)], deps + [morec]
+        return self._run("finetune", cmd, seed, deps, backbone=backbone, gate=gate, experts=experts.split(","), align=tag,
+                         llm_init=llm_init, loss=loss, text=text)
 
-    def baseline(self, seed, method, backbone="sasrec"):
-        deps, cmd = [], ["baselines.py", "--method", method, "--backbone", backbone]
+    def baseline(self, seed, method, backbone="sasrec", loss="bce", text=None):
+        deps, cmd = [], ["baselines.py", "--method", method, "--backbone", backbone, "--loss", loss, *text_flags(text)]
         if method.startswith("textknn-"):  # textknn-last, textknn-mean: baselines.py --method textknn --knn MODE
             cmd = ["baselines.py", "--method", "textknn", "--knn", method.split("-")[1], "--backbone", backbone]
         if method == "make":
-            morec = self.baseline(seed, "morec", backbone)
+            morec = self.baseline(seed, "morec", backbone, loss, text)
             deps, cmd = [morec], cmd + ["--morec", str(morec.out)]
-        return self._run("baseline", cmd, seed, deps, method=method, backbone=backbone)
+        return self._run("baseline", cmd, seed, deps, method=method, backbone=backbone, loss=loss, text=text)
+
+
+def text_flags(text):
+    """{"text_norm": "standard", ...} -> ["--text-norm", "standard", ...]."""
+    return [part for k, v in (text or {}).items() for part in (f"--{k.replace('_', '-')}", str(v))]
 
 
 def groups(exp, plan, seeds):

@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from dataset import DEFAULT_ALIGN, align_tag, run_path, split_sequences
+from dataset import DEFAULT_ALIGN, align_tag, run_path, split_sequences, text_of
 from models import BACKBONES, EXPERTS, GATE_INITS, GATES, build_model, check_checkpoint, model_from_checkpoint, read_checkpoint
 from trainer import (FLAG_DEFAULTS, TEXT_FLAGS, add_text_args, add_training_args, finish, fit, is_main_process,
                      match_text_args, parse_args, reuse_finished, setup)
@@ -51,9 +51,9 @@ def main():
     name = data["name"]
     tags = {"loss": args.loss, "preset": args.preset}  # the inputs of a CE or preset pipeline are named alike
     args.pretrain = str(args.pretrain or run_path(name, "pretrain", backbone=args.backbone, seed=args.seed, **tags))
-    if "align" in args.experts:
+    if "align" in args.experts:  # by default the phase-2 run of the text flags given here
         args.align = str(args.align or run_path(name, "align", backbone=args.backbone, seed=args.seed, **tags,
-                                                 **DEFAULT_ALIGN))
+                                                 **DEFAULT_ALIGN, text=text_of(args)))
     else:
         args.align = None
     if args.llm_init and "llm" not in args.experts:
@@ -75,7 +75,7 @@ def main():
     for _, key, default in TEXT_FLAGS:
         setattr(args, key, default if getattr(args, key) is None else getattr(args, key))
     out = args.out or run_path(name, "finetune", backbone=args.backbone, gate=args.gate, experts=args.experts,
-                               align=tag, llm_init=bool(args.llm_init), seed=args.seed, **tags)
+                               align=tag, llm_init=bool(args.llm_init), seed=args.seed, **tags, text=text_of(args))
     if reuse_finished(out, data, args):
         return
     model_args = {**ckpts["id"]["model_args"], "kind": "pad", "experts": list(args.experts), "gate": args.gate,

@@ -521,6 +521,11 @@ def test_llm_init_seeds_the_llm_expert_and_text_flags_flow(work, dataset, phase1
     assert run_path("t", "finetune", **named, llm_init=True).name == \
         "finetune_sasrec_freq_id-align-llm_gaussian_rec_gamma0.1_llm-morec_seed0.pt"
     assert "llm-morec" not in run_path("t", "finetune", **named).name
+    text_named = run_path("t", "baseline", method="morec", backbone="sasrec", seed=0, loss="ce",
+                          text={"text_norm": "standard", "text_layers": 0, "text_out": None})
+    assert text_named.name == "baseline_morec_sasrec_text-std-l0_ce_seed0.pt"  # the authors' f_MLP leaves no tag
+    assert run_path("t", "align", **DEFAULT_ALIGN, backbone="sasrec", seed=0,
+                    text={"text_norm": "none", "text_layers": 4, "text_out": "gelu"}).name == "align_sasrec_gaussian_rec_gamma0.1_seed0.pt"
     text = ["--text-layers", "0", "--text-out", "linear"]
     morec, p2 = work / "morec_lin.pt", work / "align_lin.pt"
     run("baselines.py", "--data", dataset, "--method", "morec", *MODEL, *text, *TRAIN, "--out", morec)
