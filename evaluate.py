@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from dataset import GROUPS, bucket_groups, history_before_target, load_dataset, split_sequences
-from models import TextKNN, model_from_checkpoint, read_checkpoint
+from models import Blend, TextKNN, model_from_checkpoint, read_checkpoint
 
 
 def parse_device(name):
@@ -166,6 +166,10 @@ def main():
     p.add_argument("--text-knn", choices=("last", "mean"),
                    help="instead of --ckpt: the text-similarity floor, every item ranked by the cosine of its frozen "
                         "text embedding to the window's last item or mean (models.TextKNN); needs --data")
+    p.add_argument("--blend", metavar="CKPT_B",
+                   help="with --ckpt A: score a fixed mixture W * z(A) + (1 - W) * z(B) of the two models' scores, "
+                        "each standardised per user (models.Blend, nothing trained): do they carry different signal?")
+    p.add_argument("--weight", type=float, default=0.5, help="--blend: the weight W of --ckpt's scores")
     p.add_argument("--data", default=None, help="prepared dataset (dir or name); default: the one the checkpoint names")
     p.add_argument("--split", default="test", choices=("valid", "test"), help="which target to rank (Appendix A)")
     p.add_argument("--k", type=int, default=10, help="cut-off k of HR@k / nDCG@k; paper: 10")
@@ -189,6 +193,8 @@ def main():
         print(summary_table(table, (f"HR@{args.k}", f"nDCG@{args.k}", *(f"{g} HR@{args.k}" for g in GROUPS)),
                             base=next(iter(table))))
         return
+    if args.blend and not args.ckpt:
+        raise SystemExit("--blend CKPT_B mixes with --ckpt A: pass --ckpt too")
     if not args.ckpt and not (args.text_knn and args.data):
         raise SystemExit("pass --ckpt PATH (a checkpoint), --table LABEL=GLOB ... (finished runs) or "
                          "--text-knn last|mean --data NAME")
@@ -197,6 +203,9 @@ def main():
         ckpt = read_checkpoint(args.ckpt)
         data = load_dataset(args.data or ckpt["args"]["data"])
         model, what = model_from_checkpoint(ckpt, data, args.ckpt).to(device), f"phase {ckpt['phase']} {args.ckpt}"
+        if args.blend:
+            other = model_from_checkpoint(read_checkpoint(args.blend), data, args.blend).to(device)
+            model, what = Blend(model, other, args.weight), f"{args.weight:g} x {args.ckpt} + {1 - args.weight:g} x {args.blend}"
     else:
         data = load_dataset(args.data)
         model, what = TextKNN(data["text_emb"], args.text_knn).to(device), f"text-kNN ({args.text_knn})"

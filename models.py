@@ -533,6 +533,31 @@ class TextKNN(nn.Module):
         return (query.to(table.dtype) @ table.T).float()  # (B, N+1)
 
 
+class Blend(nn.Module):
+    """A fixed mixture of two trained models' scores, each standardised per user over the N
+    items: weight * z(A) + (1 - weight) * z(B). Nothing is trained; an evaluation-only probe
+    (evaluate.py --blend) of whether two models, e.g. an ID and a text model, carry signal
+    that the other lacks, with no gate to learn it."""
+
+    def __init__(self, a, b, weight):
+        super().__init__()
+        self.a, self.b, self.weight = a, b, weight
+
+    def item_tables(self, dtype=None):
+        ta = self.a.item_tables(dtype)
+        self.n_a = len(ta)
+        return [*ta, *self.b.item_tables(dtype)]
+
+    def full_scores(self, seq, tables=None, per_bucket=False):
+        tables = tables or self.item_tables()
+        z = []
+        for model, t in ((self.a, tables[:self.n_a]), (self.b, tables[self.n_a:])):
+            s = model.full_scores(seq, t)[:, 1:]  # (B, N): padding left out of the statistics
+            z.append((s - s.mean(1, keepdim=True)) / s.std(1, keepdim=True).clamp_min(1e-12))
+        mix = self.weight * z[0] + (1 - self.weight) * z[1]
+        return torch.cat([mix.new_zeros(len(seq), 1), mix], dim=1)  # (B, N+1); evaluate drops column 0
+
+
 # --- Rebuilding any phase's model from its checkpoint -------------------------------------
 
 

@@ -308,6 +308,10 @@ def test_evaluate_phase3_and_table(phase1, phase3):
         assert cells[label][:3] == ["1", f"{test['HR@10']:.2f}", f"{test['nDCG@10']:.2f}"]
         assert cells[label][5] == f"{test['groups']['cold']['HR@10']:.2f}"
     assert cells["PAD"][-1] == f"{100 * (tests['PAD']['nDCG@10'] / tests['SASRec']['nDCG@10'] - 1):+.1f}%"
+    # --blend: weight 1 ranks as --ckpt alone; a refusal without --ckpt
+    blended = json.loads(run("evaluate.py", "--ckpt", path, "--blend", phase1["sasrec"][0], "--weight", "1", "--json").stdout)
+    assert blended["HR@10"] == pytest.approx(m["HR@10"], abs=1e-4) and blended["nDCG@10"] == pytest.approx(m["nDCG@10"], abs=1e-4)
+    refused(run("evaluate.py", "--blend", path, ok=False), "--blend", "--ckpt")
 
 
 def test_finetune_refuses_other_backbone(work, dataset, phase1, phase2):
