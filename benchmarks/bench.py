@@ -3,11 +3,17 @@
     python benchmarks/bench.py --data ml-100k --ckpt runs/ml-100k/finetune_sasrec_freq_id-align-llm_gaussian_rec_gamma0.1_seed0.pt
     python benchmarks/synthetic.py --preset electronics && \\
     python benchmarks/bench.py --data synthetic-electronics --phases 3 --eval-users 2048
+    python benchmarks/bench.py --data pantry --figures train --phases 1,3 --threads 1 \
+        --precision bf16 --fast-dropout --baseline
 
 Figures (each line: {"figure", "value", "unit", "dataset", "device", "threads", ...}):
   negatives    seconds of trainer.fit's per-epoch draw of negatives for every user;
-  train        sequences (users) per second of --steps training steps of each phase, with its
-               real loss (trainer.PhaseLoss; phase 2 adds align.mmd_term), AdamW and negatives;
+  train        sequences (users) per second of --steps training steps of each phase, each as in
+               trainer.fit: its real loss (trainer.PhaseLoss; phase 2 adds align.mmd_term),
+               backward and AdamW, with the phase scripts' --precision, --fast-dropout and
+               --compile (`flags`); the batches' negatives are drawn beforehand;
+  speedup      with --baseline: the default path's time over the flags' path's, timed in the same
+               process in alternating blocks, median over --rounds with its min and max;
   train_peak   peak memory of the draw and the steps (CPU: resident set, CUDA: allocated);
   eval         users per second of evaluate.evaluate(), full ranking of the test split over
                all N items (the first --eval-users users, default all), and its peak memory;
@@ -21,6 +27,7 @@ weights. Another recommender (e.g. RecBole) is compared by printing the same JSO
 import argparse
 import json
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,7 +40,8 @@ from dataset import history_before_target, load_dataset, split_sequences  # noqa
 from evaluate import evaluate  # noqa: E402
 from models import EXPERTS, build_model, model_from_checkpoint, read_checkpoint  # noqa: E402
 from serve import top_items  # noqa: E402
-from trainer import PhaseLoss, resolve_device, sample_negatives  # noqa: E402
+from trainer import (PhaseLoss, adamw, add_speed_args, compile_loss, resolve_device, sample_negatives,  # noqa: E402
+                     step_context)
 
 
 # --- Measuring: peak memory and wall time -------------------------------------------------
@@ -78,37 +86,87 @@ def phase_model(phase, data, args):
     return build_model(model_args, data)
 
 
-def train_figures(phase, data, args, device, emit):
-    """--steps training steps of a phase on random batches of --batch-size users, after
-    --warmup steps; each step as in trainer.fit: negatives, loss, backward, AdamW."""
-    torch.manual_seed(0)
-    model = phase_model(phase, data, args).to(device).train()
-    extra = mmd_term(argparse.Namespace(kernel="gaussian", gamma=0.1, anchor="rec", mmd_sample=512, mmd_rows="items")) \
-        if phase == 2 else None
-    step_loss = PhaseLoss(model, extra, use_rec_loss=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+def train_batches(data, args, device, count):
+    """`count` random batches of --batch-size users (seq, pos, neg, mask), each (B, L), on
+    `device`; their negatives are drawn here, as trainer.fit draws them once per epoch."""
     train_in, train_pos = split_sequences(data["seqs"], "train")  # (U, L) each
     gen = torch.Generator().manual_seed(0)
-    reset_peak(device)
-    start = time.perf_counter()
-    sample_negatives(data["seqs"][:, :-2], data["n_items"], train_pos.shape, gen)  # fit's draw for every user
-    emit("negatives", time.perf_counter() - start, "s", phase=phase, note="once per epoch, all users")
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            start = clock(device)
+    batches = []
+    for _ in range(count):
         idx = torch.randint(len(train_in), (args.batch_size,), generator=gen)
         seq, pos = train_in[idx], train_pos[idx]  # (B, L)
         mask = (seq != 0) & (pos != 0)
         neg = sample_negatives(data["seqs"][idx, :-2], data["n_items"], pos.shape, gen) * mask
-        seq, pos, neg, mask = (t.to(device, non_blocking=True) for t in (seq, pos, neg, mask))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, _ = step_loss(seq, pos, neg, mask)
+        batches.append(tuple(t.to(device) for t in (seq, pos, neg, mask)))
+    return batches
+
+
+def train_step(phase, data, args, device, speed):
+    """One training step of a phase as in trainer.fit, run with the speed flags `speed`
+    (trainer.add_speed_args): its real loss (trainer.PhaseLoss; phase 2 adds align.mmd_term)
+    in trainer.step_context, backward, AdamW. Returns step(batch)."""
+    torch.manual_seed(0)
+    model = phase_model(phase, data, args).to(device).train()
+    extra = mmd_term(argparse.Namespace(kernel="gaussian", gamma=0.1, anchor="rec", mmd_sample=512, mmd_rows="items")) \
+        if phase == 2 else None
+    loss_fn = compile_loss(PhaseLoss(model, extra, use_rec_loss=True), speed)
+    opt = adamw(model.parameters(), argparse.Namespace(lr=1e-3, weight_decay=0.1, **vars(speed)))
+
+    def step(batch):
+        with step_context(device, speed):
+            loss, _ = loss_fn(*batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    seconds = clock(device) - start
-    emit("train", args.steps * args.batch_size / seconds, "sequences/s", phase=phase, steps=args.steps,
-         batch_size=args.batch_size)
+    return step
+
+
+def timed(step, batches, device):
+    """Seconds of one step per batch."""
+    start = clock(device)
+    for batch in batches:
+        step(batch)
+    return clock(device) - start
+
+
+def speed_flags(speed):
+    """The speed flags as a command line, e.g. '--precision bf16 --fast-dropout' ('' for the defaults)."""
+    return " ".join([f"--precision {speed.precision}"] * (speed.precision != "auto")
+                    + ["--fast-dropout"] * speed.fast_dropout + [f"--compile {speed.compile}"] * (speed.compile != "none"))
+
+
+def train_figures(phase, data, args, device, emit):
+    """--steps training steps of a phase after --warmup steps, with the speed flags given; with
+    --baseline, the default path too, in the same process, in alternating blocks of --steps
+    (new, old, old, new, ...) for --rounds rounds: the speed-up is old time / new time per round."""
+    speed = argparse.Namespace(**{k: getattr(args, k) for k in ("precision", "fast_dropout", "compile")})
+    reset_peak(device)
+    start = time.perf_counter()
+    gen = torch.Generator().manual_seed(0)
+    train_pos = split_sequences(data["seqs"], "train")[1]
+    sample_negatives(data["seqs"][:, :-2], data["n_items"], train_pos.shape, gen)  # fit's draw for every user
+    emit("negatives", time.perf_counter() - start, "s", phase=phase, note="once per epoch, all users")
+    batches = train_batches(data, args, device, args.warmup + args.steps)
+    warm, batches = batches[:args.warmup], batches[args.warmup:]
+    paths = {"new": train_step(phase, data, args, device, speed)}
+    if args.baseline:
+        paths["old"] = train_step(phase, data, args, device, argparse.Namespace(precision="auto", fast_dropout=False,
+                                                                               compile="none"))
+    for step in paths.values():
+        timed(step, warm, device)  # compiles, if --compile
+    seconds = {name: [] for name in paths}
+    for r in range(args.rounds if args.baseline else 1):
+        for name in (paths if r % 2 == 0 else reversed(paths)):
+            seconds[name].append(timed(paths[name], batches, device))
+    flags = {"new": speed_flags(speed), "old": ""}
+    for name, s in seconds.items():
+        emit("train", args.steps * args.batch_size / statistics.median(s), "sequences/s", phase=phase, steps=args.steps,
+             batch_size=args.batch_size, flags=flags[name], **({"rounds": len(s)} if args.baseline else {}))
+    if args.baseline:
+        ratios = [old / new for old, new in zip(seconds["old"], seconds["new"])]
+        emit("speedup", statistics.median(ratios), "x", phase=phase, min=round(min(ratios), 4), max=round(max(ratios), 4),
+             rounds=args.rounds, steps=args.steps, batch_size=args.batch_size, flags=flags["new"],
+             baseline="the default path: eager, foreach AdamW, float32 on CPU (bf16 autocast on CUDA)")
     emit("train_peak", peak_mb(device), "MiB", phase=phase, steps=args.steps, batch_size=args.batch_size)
 
 
@@ -163,14 +221,22 @@ def main():
     p.add_argument("--phases", default="1,2,3", help="comma-separated phases to measure")
     p.add_argument("--figures", default="train,eval,serve", help="comma-separated subset of train,eval,serve")
     p.add_argument("--backbone", default="sasrec", choices=("sasrec", "gru4rec", "caser"), help="sequence encoder")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast in training, as the phase scripts)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (training as the phase scripts: --precision auto is bf16 on CUDA)")
     p.add_argument("--batch-size", type=int, default=128, help="users per training step (phase scripts' default; paper: 16)")
     p.add_argument("--steps", type=int, default=20, help="timed training steps per phase")
-    p.add_argument("--warmup", type=int, default=3, help="untimed training steps before them")
+    p.add_argument("--warmup", type=int, default=3, help="untimed training steps before them (with --compile: compiling)")
+    add_speed_args(p)
+    p.add_argument("--baseline", action="store_true",
+                   help="also time the default path (eager, foreach AdamW, float32 on CPU) in the same process, in "
+                        "blocks alternating with the flags' path, and print the speed-up with its spread")
+    p.add_argument("--rounds", type=int, default=5, help="with --baseline: blocks of --steps steps per path")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's, one per core)")
     p.add_argument("--eval-users", type=int, default=None, help="evaluate the first this many users (default: all)")
     p.add_argument("--eval-batch-size", type=int, default=512, help="users ranked at once, as --eval-batch-size of the phases")
     p.add_argument("--serve-repeats", type=int, default=100, help="timed requests at batch 1 (a tenth, at least 5, at 256)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = resolve_device(args.device)
     start = time.perf_counter()

@@ -1,0 +1,222 @@
+"""Tests of the training step's speed flags (trainer.add_speed_args): the compiled step gives the
+eager step's loss and weights, also after a --resume-style load; a failed compile trains eagerly
+after one note; --precision bf16 trains under bf16 autocast on a CPU while evaluation stays float32
+(a default run keeps float32 and foreach AdamW), and resumes as an uninterrupted run; the masks of
+--fast-dropout have dropout's law, and its attention equals torch's scaled_dot_product_attention
+with the same mask; bench.py --baseline prints the speed-up with its spread."""
+import argparse
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from dataset import split_sequences  # noqa: E402
+from models import make_expert  # noqa: E402
+from synthetic import make_dataset  # noqa: E402
+from test_models import D, N, cfg, gen, sequences, text_table  # noqa: E402
+from trainer import (PhaseLoss, adamw, add_training_args, attention_bits16_dropout, bits16_dropout,  # noqa: E402
+                     compile_loss, fit, step_context)
+
+
+def speed(**flags):
+    """Parsed phase-script flags (defaults unless given), as fit and the speed helpers read them."""
+    p = argparse.ArgumentParser()
+    add_training_args(p)
+    return p.parse_args([f"--{k.replace('_', '-')}={v}" if v is not True else f"--{k.replace('_', '-')}"
+                         for k, v in flags.items()])
+
+
+def batch(seed=0):
+    """(seq, pos, neg, mask) of tiny left-padded sequences, as one of fit's batches."""
+    seq = sequences(seed=seed)  # (B, L)
+    pos = torch.cat([seq[:, 1:], torch.randint(1, N + 1, (len(seq), 1), generator=gen(seed))], 1)  # next items
+    mask = (seq != 0) & (pos != 0)
+    neg = torch.randint(1, N + 1, seq.shape, generator=gen(seed + 1)) * mask
+    return seq, pos, neg, mask
+
+
+def tiny_expert():
+    """The ID expert of test_models without dropout: a compiled step draws its own masks."""
+    torch.manual_seed(0)
+    return make_expert("id", N, text_table(), {**cfg(), "dropout": 0.0}).train()
+
+
+def tiny_data():
+    return make_dataset("tiny", users=40, items=30, interactions=400, d_text=12)
+
+
+def expert_for(data):
+    return make_expert("id", data["n_items"], data["text_emb"], {**cfg(), "L": data["max_len"] - 3})
+
+
+def one_step(loss_fn, opt, b):
+    loss, _ = loss_fn(*b)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+# --- --compile: the same step, or eager after one note ------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's own imports
+def test_compiled_step_gives_the_eager_loss_and_parameters(capsys):
+    args = speed(compile="default")
+    eager = tiny_expert()
+    compiled = copy.deepcopy(eager)
+    eager_fn, compiled_fn = PhaseLoss(eager, None, True), compile_loss(PhaseLoss(compiled, None, True), args)
+    eager_loss = one_step(eager_fn, adamw(eager.parameters(), args), batch())
+    compiled_loss = one_step(compiled_fn, adamw(compiled.parameters(), args), batch())
+    assert "note:" not in capsys.readouterr().out  # it did compile
+    assert torch.allclose(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for (name, w), w_compiled in zip(eager.named_parameters(), compiled.parameters()):
+        assert torch.allclose(w_compiled.grad, w.grad, rtol=1e-4, atol=1e-7), name
+        # AdamW's first step is about lr * sign(gradient), so a gradient of rounding noise (the key
+        # bias: softmax ignores a shift of all logits) moves either way; every other weight agrees
+        moved = w.grad.abs() > 1e-6
+        assert torch.allclose(w_compiled[moved], w[moved], rtol=1e-5, atol=1e-6), name
+    # --resume loads weights into the model: the compiled step reads them, without recompiling
+    eager.load_state_dict(tiny_expert().state_dict())
+    compiled.load_state_dict(tiny_expert().state_dict())
+    assert torch.allclose(compiled_fn(*batch(1))[0], eager_fn(*batch(1))[0], rtol=1e-5, atol=1e-6)
+
+
+def broken_compile(*args, **kwargs):
+    raise RuntimeError("Dynamo is not supported on this Python\nsecond line")
+
+
+def broken_compiled_call(module, **kwargs):
+    def call(*batch):
+        raise RuntimeError("Compiler: cc not found\nsecond line")
+    return call
+
+
+@pytest.mark.parametrize("compile_fn, why", [(broken_compile, "Dynamo is not supported on this Python"),
+                                             (broken_compiled_call, "Compiler: cc not found")])
+def test_a_failed_compile_trains_eagerly_after_one_note(compile_fn, why, monkeypatch, capsys):
+    monkeypatch.setattr(torch, "compile", compile_fn)
+    step_loss = PhaseLoss(tiny_expert(), None, True)
+    loss_fn = compile_loss(step_loss, speed(compile="reduce-overhead"))
+    losses = [loss_fn(*batch())[0] for _ in range(2)]
+    assert all(torch.equal(loss, step_loss(*batch())[0]) for loss in losses)
+    assert capsys.readouterr().out == f"note: --compile reduce-overhead failed (RuntimeError: {why}); training eagerly\n"
+
+
+def test_fast_dropout_and_compile_are_refused_together():
+    with pytest.raises(SystemExit, match="--fast-dropout with --compile"):
+        compile_loss(PhaseLoss(tiny_expert(), None, True), speed(compile="default", fast_dropout=True))
+
+
+# --- --precision: bf16 autocast in training, float32 in evaluation ------------------------
+
+
+@pytest.mark.parametrize("precision, trained_in, fused", [("auto", torch.float32, None), ("bf16", torch.bfloat16, True)])
+def test_precision_of_training_and_evaluation_on_cpu(precision, trained_in, fused, tmp_path):
+    data = tiny_data()
+    args = speed(precision=precision, epochs=1, quiet=True, batch_size=16, eval_batch_size=7)
+    model = expert_for(data)
+    seen = set()  # (training?, dtype of the first attention projection's output)
+    model.encoder.blocks[0].qkv.register_forward_hook(lambda m, i, out: seen.add((m.training, out.dtype)))
+    fit(model, data, args, tmp_path / "run.pt")
+    assert seen == {(True, trained_in), (False, torch.float32)}
+    with torch.no_grad():
+        assert model.full_scores(split_sequences(data["seqs"], "test")[0][:3]).dtype == torch.float32
+    assert adamw(model.parameters(), args).defaults["fused"] is fused  # None: torch's foreach, as before
+
+
+def test_resume_with_bf16_and_fast_dropout_matches_an_uninterrupted_run(tmp_path):
+    data = tiny_data()
+
+    def train(out, epochs, *resume):
+        torch.manual_seed(0)
+        model = expert_for(data)
+        args = speed(precision="bf16", fast_dropout=True, epochs=epochs, quiet=True, batch_size=16, eval_batch_size=7,
+                     **{flag: True for flag in resume})
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in fit(model, data, args, out)[1]]
+
+    full = train(tmp_path / "full.pt", 3)  # per epoch: losses and validation metrics
+    train(tmp_path / "cut.pt", 1)  # fit leaves OUT.last.pt after each epoch; only finish() removes it
+    assert train(tmp_path / "cut.pt", 3, "resume") == full
+
+
+# --- --fast-dropout: dropout's law, torch's attention ------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bits16_dropout_has_dropouts_law(dtype):
+    torch.manual_seed(0)
+    x = torch.ones(400_000, dtype=dtype, requires_grad=True)
+    y = bits16_dropout(x, 0.1)
+    scale = torch.tensor(65536 / (65536 - 6554), dtype=dtype)  # p = 0.1 rounded to 6554 / 65536
+    assert set(y.unique().tolist()) == {0.0, scale.item()}
+    assert abs((y == 0).double().mean().item() - 6554 / 65536) < 4 * (0.1 * 0.9 / len(x)) ** 0.5
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient goes through the kept elements, scaled
+    z = torch.randn(5, 4)
+    assert bits16_dropout(z, 0.1, training=False) is z and torch.equal(bits16_dropout(z, 0.0), z)
+
+
+def test_fast_dropout_replaces_every_dropout_inside_its_block_only():
+    args, x = speed(fast_dropout=True), torch.randn(64, 8, D)
+    drop = nn.Dropout(0.1)
+    torch.manual_seed(3)
+    with step_context(torch.device("cpu"), args):
+        inside = drop(x)
+    torch.manual_seed(3)
+    assert torch.equal(inside, bits16_dropout(x, 0.1))  # the same draws from the seeded generator
+
+    def torch_masks():
+        torch.manual_seed(3)
+        outside = drop(x)
+        torch.manual_seed(3)
+        return torch.equal(outside, F.dropout(x, 0.1))
+
+    assert torch_masks()  # outside the block: torch's own
+    with step_context(torch.device("cpu"), speed()):
+        assert torch_masks()  # a default run keeps torch's masks
+
+
+def test_attention_with_fast_dropout_is_torchs_attention_with_that_mask():
+    B, H, L, dh, p = 3, 2, 6, 4, 0.2
+    g = gen(0)
+    q, k, v = (torch.randn(B, H, L, dh, generator=g) for _ in range(3))
+    attn_mask = torch.ones(L, L, dtype=torch.bool).tril().expand(B, 1, L, L).clone()  # (B, 1, L, L) causal
+    attn_mask[0, 0, 2] = False  # a query that may see no key: attends to nothing, as in torch
+    torch.manual_seed(5)
+    out = attention_bits16_dropout(q, k, v, attn_mask, dropout_p=p)
+    torch.manual_seed(5)
+    noise = bits16_dropout(torch.ones(B, H, L, L), p)  # the same draws: the mask of the attention weights
+    weights = F.scaled_dot_product_attention(q, k, torch.eye(L).expand(B, H, L, L), attn_mask)  # torch's, (B, H, L, L)
+    assert torch.allclose(out, (weights * noise) @ v, atol=1e-6)
+    assert torch.allclose(attention_bits16_dropout(q, k, v, attn_mask), F.scaled_dot_product_attention(q, k, v, attn_mask))
+    with step_context(torch.device("cpu"), speed(fast_dropout=True)):
+        torch.manual_seed(5)
+        assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=p), out)
+
+
+# --- benchmarks/bench.py --baseline: both paths in one process, the ratio with its spread ----
+
+
+def test_bench_baseline_prints_the_speedup_with_its_spread(tmp_path):
+    torch.save(tiny_data(), tmp_path / "dataset.pt")
+    r = subprocess.run([sys.executable, "benchmarks/bench.py", "--data", str(tmp_path), "--figures", "train", "--phases",
+                        "1,3", "--batch-size", "8", "--steps", "2", "--warmup", "1", "--rounds", "3", "--threads", "1",
+                        "--precision", "bf16", "--fast-dropout", "--baseline"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    for phase in (1, 3):
+        assert {x["flags"] for x in lines if x["figure"] == "train" and x["phase"] == phase} == {
+            "--precision bf16 --fast-dropout", ""}  # the new path and the default one
+        up = next(x for x in lines if x["figure"] == "speedup" and x["phase"] == phase)
+        assert up["min"] <= up["value"] <= up["max"] and up["rounds"] == 3 and up["unit"] == "x"
+
