@@ -592,6 +592,7 @@ def read_checkpoint(path, keys=("phase", "model_args", "state", "fingerprint")):
 
 
 ENCODER_ARGS = ("backbone", "d", "L", "n_blocks", "n_heads", "dropout", "block")
+ENCODER_DEFAULTS = {"block": "ours"}  # what a checkpoint made before the key existed used
 
 
 def check_checkpoint(ckpt, data, path, phase=None, backbone=None, like=None):
@@ -607,8 +608,10 @@ def check_checkpoint(ckpt, data, path, phase=None, backbone=None, like=None):
         raise SystemExit(f"{path} uses backbone {ckpt['model_args']['backbone']!r}, not {backbone!r}; "
                          f"pass a checkpoint of the same backbone")
     if like is not None:
-        diff = {k: (ckpt["model_args"].get(k), like.get(k)) for k in ENCODER_ARGS
-                if ckpt["model_args"].get(k) != like.get(k)}
+        def get(args, k):
+            return args.get(k, ENCODER_DEFAULTS.get(k))
+        diff = {k: (get(ckpt["model_args"], k), get(like, k)) for k in ENCODER_ARGS
+                if get(ckpt["model_args"], k) != get(like, k)}
         if diff:
             raise SystemExit(f"{path} was built with {', '.join(f'{k}={a}' for k, (a, b) in diff.items())} but the "
                              f"phase-1 checkpoint with {', '.join(f'{k}={b}' for k, (a, b) in diff.items())}; "

@@ -390,6 +390,16 @@ def test_checkpoint_refusals(tmp_path):
     with pytest.raises(SystemExit, match=r"pretrain_gru4rec.pt uses backbone 'gru4rec', not 'sasrec'"):
         model_from_checkpoint(ckpt, data, path, phase=1, backbone="sasrec")
     model_from_checkpoint(ckpt, data, path, phase=1, backbone="gru4rec")  # the matching one loads
+    # `like`: another encoder configuration is refused; a key an older checkpoint lacks counts at its default
+    from models import check_checkpoint
+
+    with pytest.raises(SystemExit, match="d=16.*d=8"):
+        check_checkpoint(ckpt, data, path, like={**ckpt["model_args"], "d": 8})
+    older = {k: v for k, v in ckpt["model_args"].items() if k != "block"}
+    check_checkpoint(ckpt, data, path, like={**older})
+    check_checkpoint(ckpt, data, path, like={**older, "block": "ours"})
+    with pytest.raises(SystemExit, match="block=ours.*block=authors"):
+        check_checkpoint({**ckpt, "model_args": older}, data, path, like={**older, "block": "authors"})
 
 
 def test_read_checkpoint_refuses_other_files(tmp_path):
