@@ -423,17 +423,18 @@ class PAD(nn.Module):
     # --- Eq. (11): Phi = sum_k g_k(b(i), h_k) * o_k, the one place the experts are fused ---
     def fuse(self, o, h, bucket, per_bucket=False):
         """Eq. (11) for target items whose buckets b(i) are `bucket` (B, T): expert logits
-        o = K x (B, T), expert states h = K x (B, T or 1, d) -> Phi, (B, T).
+        o = K x (B, T), expert states h = K x (B, T or 1, d) -> Phi, (B, T). (B may be
+        several leading dimensions, e.g. (B, L) in all_logits.)
 
-        per_bucket (serving): the gate g_k(b, h_k) is evaluated once per bucket b, (B, B_b+1, K),
+        per_bucket (serving, --loss ce): the gate g_k(b, h_k) is evaluated once per bucket b, (B, B_b+1, K),
         and looked up per item, so memory is O(B x T) instead of O(B x T x K); vectorised exp and
         division then round differently in the last bit."""
         if not per_bucket:
             g = self.gate(bucket, h)  # (B, T, K)
             return (g * torch.stack(o, -1)).sum(-1)
-        buckets = torch.arange(self.n_buckets + 1, device=bucket.device).expand(len(bucket), -1)  # (B, B_b+1)
+        buckets = torch.arange(self.n_buckets + 1, device=bucket.device).expand(*bucket.shape[:-1], -1)  # (B, B_b+1)
         g = self.gate(buckets, h)  # (B, B_b+1, K)
-        return sum(g[..., k].gather(1, bucket) * o_k for k, o_k in enumerate(o))
+        return sum(g[..., k].gather(-1, bucket) * o_k for k, o_k in enumerate(o))
 
     def bce_logits(self, seq, pos, neg):
         h = self.states(seq)  # K x (B, L, d)
@@ -445,11 +446,12 @@ class PAD(nn.Module):
 
     def all_logits(self, seq):
         """Phi of every item at every position, (B, L, N+1), for trainer.py's --loss ce; the gate
-        is (B, L, N+1, K), so memory grows with B x L x N."""
+        is evaluated once per bucket (per_bucket), so memory is K x (B, L, N+1), not a
+        (B, L, N+1, K) gate and its softmax."""
         ids = torch.arange(len(self.bucket), device=seq.device)  # (N+1,)
         h = self.states(seq)  # K x (B, L, d)
         o = [h_k @ e.items(ids).T for h_k, e in zip(h, self.experts.values())]  # K x (B, L, N+1)
-        return self.fuse(o, [h_k[:, :, None] for h_k in h], self.bucket.expand(*seq.shape, -1))
+        return self.fuse(o, [h_k[:, :, None] for h_k in h], self.bucket.expand(*seq.shape, -1), per_bucket=True)
 
     def full_scores(self, seq, tables=None, per_bucket=False):
         """Phi for every item after the last position, (B, N+1); tables: item_tables()."""
