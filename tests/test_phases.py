@@ -564,3 +564,21 @@ def test_llm_init_seeds_the_llm_expert_and_text_flags_flow(work, dataset, phase1
     r = run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", p2, "--llm-init", morec,
             "--experts", "id,align", *TRAIN, "--out", work / "unused.pt", ok=False)
     refused(r, "--llm-init", "leaves out")
+
+
+def test_gate_fit_valid_refits_only_the_gate(work, dataset, phase1, phase2):
+    """--gate-fit valid: the same training as the default (experts equal bit for bit), then
+    the gate alone is refit on the validation targets, lowering their cross-entropy."""
+    base, refit = work / "finetune_gate_train.pt", work / "finetune_gate_valid.pt"
+    common = ["--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", phase2[0], "--epochs", "1",
+              "--batch-size", "16", "--eval-batch-size", "7"]
+    run("finetune.py", *common, "--quiet", "--out", base)
+    r = run("finetune.py", *common, "--gate-fit", "valid", "--gate-fit-epochs", "4", "--out", refit)
+    ce = [float(x) for x in re.findall(r"gate fit on validation, pass \d+: cross-entropy ([0-9.]+)", r.stdout)]
+    assert len(ce) == 4 and ce[-1] < ce[0], r.stdout[-2000:]
+    a, b = load(base)["state"], load(refit)["state"]
+    assert a.keys() == b.keys()
+    for key in a:
+        same = torch.equal(a[key], b[key])
+        assert same != key.startswith("gate."), key  # experts untouched, every gate tensor moved
+    assert load(refit)["args"]["gate_fit"] == "valid"
