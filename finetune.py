@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from dataset import DEFAULT_ALIGN, align_tag, history_before_target, run_path, split_sequences, text_of
 from models import BACKBONES, EXPERTS, GATE_INITS, GATES, build_model, check_checkpoint, model_from_checkpoint, read_checkpoint
-from trainer import (FLAG_DEFAULTS, TEXT_FLAGS, add_text_args, add_training_args, finish, fit, is_main_process,
-                     match_text_args, parse_args, reuse_finished, setup)
+from trainer import (FLAG_DEFAULTS, TEXT_FLAGS, add_text_args, add_training_args, bce_loss, finish, fit,
+                     is_main_process, match_text_args, parse_args, reuse_finished, sample_negatives, setup)
 
 
 def parse_experts(text):
@@ -120,17 +120,19 @@ def main():
                   "init": {k: paths[k] for k in ckpts}})
 
 
-def fit_gate(model, data, args, batch_size=512, lr=1e-2):
+def fit_gate(model, data, args, batch_size=512, lr=1e-2, negatives=16):
     """DEVIATION (--gate-fit valid): refit the gate of Eq. (11) alone on the validation split.
 
     Trained with the experts on the training data (Alg. 1), the gate learns which expert fits
     the *training* targets best, and a phase-1 ID expert trained to convergence has all but
     memorised them (Pantry: training BCE 0.12, the text expert's 0.69), so the gate switches
     the text experts off even where they rank held-out targets better. Here the experts are
-    frozen and the gate's parameters are fit, from where training left them, by Adam on a
-    softmax cross-entropy of each user's validation target against every item, the user's
-    earlier items masked as in evaluation (a target that repeats one is skipped). The test
-    split is never seen; validation also picked the experts' epoch."""
+    frozen and the gate's parameters are fit, from where training left them, by Adam on the
+    run's L_REC for each user's validation target: BCE against `negatives` items drawn
+    uniformly outside the user's earlier items each pass (--loss bce), or the softmax over all
+    items with those items masked (--loss ce). A target that repeats an earlier item is
+    skipped (it is a miss whatever the gate does). The test split is never seen; validation
+    also picked the experts' epoch."""
     model.eval()
     for w in model.parameters():
         w.requires_grad_(False)
@@ -141,28 +143,36 @@ def fit_gate(model, data, args, batch_size=512, lr=1e-2):
     device = next(model.parameters()).device
     inputs, targets = split_sequences(data["seqs"], "valid")
     history = history_before_target(data["seqs"], "valid")
-    keep = ~(history == targets[:, None]).any(1)  # a repeated target is a miss whatever the gate does
+    keep = ~(history == targets[:, None]).any(1)
     inputs, targets, history = inputs[keep], targets[keep], history[keep]
     with torch.no_grad():
-        tables = model.item_tables()
+        tables = model.item_tables()  # K x (N+1, d), frozen
     gen = torch.Generator().manual_seed(args.seed)
     for epoch in range(1, args.gate_fit_epochs + 1):
+        neg = sample_negatives(torch.cat([history, targets[:, None]], 1), data["n_items"], (len(targets), negatives), gen)
         total = 0.0
         for idx in torch.randperm(len(inputs), generator=gen).split(batch_size):
             seq, tgt, hist = inputs[idx].to(device), targets[idx].to(device), history[idx].to(device)
             with torch.no_grad():
                 h = [h_k[:, -1] for h_k in model.states(seq)]  # K x (b, d)
+            states = [h_k[:, None] for h_k in h]  # K x (b, 1, d)
+            if args.loss == "ce":
                 o = [h_k @ t.T for h_k, t in zip(h, tables)]  # K x (b, N+1): o_k, fixed
-            phi = model.fuse(o, [h_k[:, None] for h_k in h], model.bucket.expand(len(seq), -1), per_bucket=True)
-            phi = phi.scatter(1, hist, -torch.inf)  # history and padding out of the softmax
-            phi[:, 0] = -torch.inf
-            loss = F.cross_entropy(phi, tgt)
+                phi = model.fuse(o, states, model.bucket.expand(len(seq), -1), per_bucket=True)
+                phi = phi.scatter(1, hist, -torch.inf)  # earlier items and padding out of the softmax
+                phi[:, 0] = -torch.inf
+                loss = F.cross_entropy(phi, tgt)
+            else:
+                items = torch.cat([tgt[:, None], neg[idx].to(device)], 1)  # (b, 1 + negatives): target first
+                o = [(h_k[:, None] * t[items]).sum(-1) for h_k, t in zip(h, tables)]  # K x (b, 1 + negatives)
+                phi = model.fuse(o, states, model.bucket[items])
+                loss = bce_loss(phi[:, :1].expand(-1, negatives), phi[:, 1:], torch.ones_like(phi[:, 1:], dtype=torch.bool))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
         if not args.quiet or epoch == args.gate_fit_epochs:
-            print(f"gate fit on validation, pass {epoch}: cross-entropy {total / len(inputs):.4f}", flush=True)
+            print(f"gate fit on validation, pass {epoch}: {args.loss} {total / len(inputs):.4f}", flush=True)
     for w in model.parameters():
         w.requires_grad_(True)
 
