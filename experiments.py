@@ -49,6 +49,7 @@ from models import model_from_checkpoint, read_checkpoint
 from trainer import PRESETS
 
 EXPERIMENTS = ("table2", "table3", "fig2", "fig3", "fig4", "fig5", "fig6")
+TEXT_FIX = {"text_norm": "standard", "text_layers": 0}  # the text-path screen's f_MLP (results/README.md)
 
 # The paper's Table 2 (HR@10, nDCG@10 in %), printed beside ours for its datasets
 PAPER_TABLE2 = {
@@ -151,7 +152,13 @@ def groups(exp, plan, seeds):
               "text-kNN (mean)": per_seed(lambda s: plan.baseline(s, "textknn-mean")),
               **{m: per_seed(lambda s, m=m: plan.baseline(s, m.lower())) for m in ("Hybrid", "MoRec", "CTRL", "MAKE", "DisCo")},
               "SMEM": per_seed(lambda s: plan.finetune(s, ("gaussian", "rec", 0.0))),
-              "PAD": per_seed(plan.finetune)}
+              "PAD": per_seed(plan.finetune),
+              # beyond the paper: the text path's screen (results/README.md), f_MLP on the standardised
+              # table with one linear layer, with the paper's BCE and with the full-softmax CE
+              "MoRec (std f_MLP)": per_seed(lambda s: plan.baseline(s, "morec", text=TEXT_FIX)),
+              "MoRec (CE, std f_MLP)": per_seed(lambda s: plan.baseline(s, "morec", loss="ce", text=TEXT_FIX)),
+              "PAD (CE, std f_MLP, LLM from MoRec)": per_seed(lambda s: plan.finetune(s, loss="ce", text=TEXT_FIX,
+                                                                                       llm_init=True))}
     if exp == "table2":
         return {"": table2}
     if exp == "table3":
