@@ -110,12 +110,13 @@ class Plan:
                          backbone=backbone, kernel=kernel, anchor=anchor, gamma=gamma, loss=loss, text=text)
 
     def finetune(self, seed, align=None, experts="id,align,llm", gate=None, backbone="sasrec", loss="bce", text=None,
-                 llm_init=False):
-        """llm_init: the LLM expert starts from the MoRec run of the same loss and text flags."""
+                 llm_init=False, gate_fit="train"):
+        """llm_init: the LLM expert starts from the MoRec run of the same loss and text flags;
+        gate_fit valid: the gate is refit on the validation split (finetune.py --gate-fit)."""
         align, gate = align or self.pad_align, gate or self.gate
         p1 = self.pretrain(seed, backbone, loss)
         cmd = ["finetune.py", "--backbone", backbone, "--pretrain", str(p1.out), "--experts", experts, "--gate", gate,
-               "--loss", loss, *text_flags(text)]
+               "--loss", loss, *text_flags(text), *(["--gate-fit", gate_fit] if gate_fit != "train" else [])]
         deps, tag = [p1], ""
         if "align" in experts.split(","):
             p2 = self.align(seed, *align, backbone=backbone, loss=loss, text=text)
@@ -123,8 +124,8 @@ class Plan:
         if llm_init:
             morec = self.baseline(seed, "morec", backbone, loss, text)
             cmd, deps = cmd + ["--llm-init", str(morec.out)], deps + [morec]
-        return self._run("finetune", cmd, seed, deps, backbone=backbone, gate=gate, experts=experts.split(","), align=tag,
-                         llm_init=llm_init, loss=loss, text=text)
+        return self._run("finetune", cmd, seed, deps, backbone=backbone, gate=gate + ("-validfit" if gate_fit == "valid" else ""),
+                         experts=experts.split(","), align=tag, llm_init=llm_init, loss=loss, text=text)
 
     def baseline(self, seed, method, backbone="sasrec", loss="bce", text=None):
         deps, cmd = [], ["baselines.py", "--method", method, "--backbone", backbone, "--loss", loss, *text_flags(text)]
@@ -158,7 +159,9 @@ def groups(exp, plan, seeds):
               "MoRec (std f_MLP)": per_seed(lambda s: plan.baseline(s, "morec", text=TEXT_FIX)),
               "MoRec (CE, std f_MLP)": per_seed(lambda s: plan.baseline(s, "morec", loss="ce", text=TEXT_FIX)),
               "PAD (CE, std f_MLP, LLM from MoRec)": per_seed(lambda s: plan.finetune(s, loss="ce", text=TEXT_FIX,
-                                                                                       llm_init=True))}
+                                                                                       llm_init=True)),
+              "PAD (CE, std f_MLP, LLM from MoRec, gate fit on valid)": per_seed(
+                  lambda s: plan.finetune(s, loss="ce", text=TEXT_FIX, llm_init=True, gate_fit="valid"))}
     if exp == "table2":
         return {"": table2}
     if exp == "table3":
