@@ -45,7 +45,8 @@ def main():
     p.add_argument("--gate-fit", default="train", choices=("train", "valid"),
                    help="train: the gate learns with the experts on the training data (Alg. 1); valid (beyond the "
                         "paper): after that, the gate alone is refit on the validation targets, experts frozen, "
-                        "because on training data the memorised ID expert always wins (results/README.md)")
+                        "because on training data the memorised ID expert always wins; measured with --loss ce (with bce "
+                        "it collapsed onto one expert: results/README.md)")
     p.add_argument("--gate-fit-epochs", type=int, default=5, help="--gate-fit valid: passes over the validation users")
     p.add_argument("--llm-init", default=None,
                    help="a baselines.py --method morec run that seeds the LLM expert (as MAKE does; beyond the paper, "
@@ -132,7 +133,7 @@ def fit_gate(model, data, args, batch_size=512, lr=1e-2, negatives=16):
     uniformly outside the user's earlier items each pass (--loss bce), or the softmax over all
     items with those items masked (--loss ce). A target that repeats an earlier item is
     skipped (it is a miss whatever the gate does). The test split is never seen; validation
-    also picked the experts' epoch."""
+    also picked the experts' epoch, and the metrics JSON's `valid` entry is no longer held out."""
     model.eval()
     for w in model.parameters():
         w.requires_grad_(False)

@@ -574,7 +574,7 @@ def test_gate_fit_valid_refits_only_the_gate(work, dataset, phase1, phase2):
               "--batch-size", "16", "--eval-batch-size", "7"]
     run("finetune.py", *common, "--quiet", "--out", base)
     r = run("finetune.py", *common, "--gate-fit", "valid", "--gate-fit-epochs", "4", "--out", refit)
-    ce = [float(x) for x in re.findall(r"gate fit on validation, pass \d+: cross-entropy ([0-9.]+)", r.stdout)]
+    ce = [float(x) for x in re.findall(r"gate fit on validation, pass \d+: bce ([0-9.]+)", r.stdout)]
     assert len(ce) == 4 and ce[-1] < ce[0], r.stdout[-2000:]
     a, b = load(base)["state"], load(refit)["state"]
     assert a.keys() == b.keys()
