@@ -499,7 +499,8 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="paper: 3 runs")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (CPU: one per core; each gets cores/jobs threads)")
     p.add_argument("--device", default="cpu", help="cpu or cuda, for every run")
-    p.add_argument("--extra", default="", help='flags for every training run, e.g. "--epochs 2 --batch-size 16"')
+    p.add_argument("--extra", default="", help='flags for every training run, e.g. "--epochs 2 --batch-size 16"; they '
+                   'are not in run names and finished runs are reused by name, so give such a plan its own --runs')
     p.add_argument("--model-flags", default="", help='model flags for the runs that build one from scratch (pretrain.py, '
                    'baselines.py), e.g. "--d 64 --n-blocks 2"; align.py and finetune.py take them from phase 1')
     p.add_argument("--runs", default="runs", help="checkpoints go to RUNS/NAME/")
