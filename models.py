@@ -546,14 +546,12 @@ class Blend(nn.Module):
         self.a, self.b, self.weight = a, b, weight
 
     def item_tables(self, dtype=None):
-        ta = self.a.item_tables(dtype)
-        self.n_a = len(ta)
-        return [*ta, *self.b.item_tables(dtype)]
+        return [self.a.item_tables(dtype), self.b.item_tables(dtype)]  # each model's own tables
 
     def full_scores(self, seq, tables=None, per_bucket=False):
         tables = tables or self.item_tables()
         z = []
-        for model, t in ((self.a, tables[:self.n_a]), (self.b, tables[self.n_a:])):
+        for model, t in zip((self.a, self.b), tables):
             s = model.full_scores(seq, t)[:, 1:]  # (B, N): padding left out of the statistics
             z.append((s - s.mean(1, keepdim=True)) / s.std(1, keepdim=True).clamp_min(1e-12))
         mix = self.weight * z[0] + (1 - self.weight) * z[1]

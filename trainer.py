@@ -95,8 +95,9 @@ def add_speed_args(p):
                         "evaluation is always float32")
     p.add_argument("--fast-dropout", action="store_true",
                    help="CPU: every dropout mask, the attention weights' too, from 16 random bits per element (p rounded "
-                        "to 1/65536) instead of torch's draw of a double per element, serial on non-Intel CPUs; "
-                        "other masks, the same law; attention in the step's precision, by its reference formula")
+                        "to 1/65536) instead of torch's draw of a double per element, serial on non-Intel CPUs: "
+                        "other masks from the same seed, the same distribution; attention then runs by its reference "
+                        "formula in the step's precision")
     p.add_argument("--compile", default="none", choices=COMPILE_MODES,
                    help="torch.compile the training loss (reduce-overhead: with CUDA graphs); falls back to eager with "
                         "a note if compiling fails; on a 2-core CPU slower than eager (benchmarks/README.md)")

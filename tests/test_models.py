@@ -531,3 +531,40 @@ def test_phase3_llm_expert_gradient_is_its_gate_share_of_the_loss(init):
     for name, a, b in zip([n for n, _ in llm.named_parameters()], got, want):
         assert b is not None and torch.allclose(a, b, atol=1e-6), name
     assert all(a.abs().sum() > 0 for a in got[:2])  # f_MLP's first layer learns
+
+
+def test_gate_fit_ce_is_the_masked_softmax_loss_of_eq11_by_loop(capsys):
+    """finetune.fit_gate with --loss ce: its validation loss is the cross-entropy of Phi (Eq. 11,
+    the loop above) over all items with the user's earlier items masked, averaged over the
+    users whose target does not repeat one (lr 0: one pass measures it); then, trained, it
+    changes only the gate."""
+    import types
+
+    from dataset import history_before_target, split_sequences
+    from finetune import fit_gate
+
+    pad = make_pad(EXPERTS, "freq")
+    g = gen(5)
+    seqs = torch.stack([torch.randperm(N, generator=g)[:L + 3] + 1 for _ in range(6)])  # distinct items per user
+    seqs[0, -2] = seqs[0, 3]  # user 0's validation target repeats an earlier item: skipped
+    data = {"seqs": seqs, "n_items": N}
+    args = types.SimpleNamespace(seed=0, quiet=False, loss="ce", gate_fit_epochs=1)
+    experts = {k: v.clone() for k, v in pad.state_dict().items() if not k.startswith("gate.")}
+    fit_gate(pad, data, args, lr=0.0)
+    got = float(capsys.readouterr().out.split("ce ")[-1])
+
+    inputs, targets = split_sequences(seqs, "valid")
+    history = history_before_target(seqs, "valid")
+    phi = loop_pad_scores(list(pad.experts.values()), pad.gate, "freq", pad.bucket, inputs)  # (U, N+1)
+    losses = []
+    for u in range(1, len(seqs)):
+        row = phi[u].clone()
+        row[history[u]] = -math.inf
+        row[0] = -math.inf
+        losses.append(-torch.log_softmax(row, 0)[targets[u]])
+    assert got == pytest.approx(float(torch.stack(losses).mean()), abs=1e-4)
+    before = {k: v.clone() for k, v in pad.state_dict().items() if k.startswith("gate.")}
+    fit_gate(pad, data, args)
+    after = pad.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in experts.items())
+    assert all(not torch.equal(after[k], v) for k, v in before.items())
