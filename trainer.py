@@ -234,34 +234,38 @@ def broadcast(obj):
 
 def sample_negatives(history, n_items, shape, generator):
     """One uniform negative item per position (Eq. 1), never one of the user's training
-    items: history (U, H) -> negatives of `shape` = (U, L), redrawn by rejection."""
+    items: history (U, H) -> negatives of `shape` = (U, L), redrawn by rejection, drawn on
+    the generator's device (fit: the training device, so a GPU step reads them in place)."""
     h = history.sort(1).values  # (U, H); count each user's distinct real items
     distinct = ((h[:, 1:] != h[:, :-1]) & (h[:, 1:] != 0)).sum(1) + (h[:, 0] != 0)
     if (distinct >= n_items).any():
         raise SystemExit(f"a user's training items cover all {n_items} items, so no negative can be sampled; "
                          f"prepare a dataset with more items")
-    neg = torch.randint(1, n_items + 1, shape, generator=generator)
+    device = generator.device
+    neg = torch.randint(1, n_items + 1, shape, generator=generator, device=device)
     while True:
         bad = (neg[:, :, None] == history[:, None, :]).any(-1)  # (U, L)
         if not bad.any():
             return neg
-        neg[bad] = torch.randint(1, n_items + 1, (int(bad.sum()),), generator=generator)
+        neg[bad] = torch.randint(1, n_items + 1, (int(bad.sum()),), generator=generator, device=device)
 
 
 def bce_loss(pos_logits, neg_logits, mask):
     """Eq. (1): BCE with logits, label 1 on the next item and 0 on the sampled negative,
-    each averaged over the real positions of the batch."""
-    pos, neg = pos_logits[mask].float(), neg_logits[mask].float()
-    return (F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos))
-            + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg)))
+    each averaged over the real positions of the batch: (B, L) each. The mask weighs the
+    positions (no boolean indexing), so every batch has the same shapes (a graph to capture)."""
+    pos, neg, w = pos_logits.float(), neg_logits.float(), mask.float()
+    per_position = (F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos), reduction="none")
+                    + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg), reduction="none"))
+    return (per_position * w).sum() / w.sum()
 
 
 def ce_loss(logits, pos, mask):
     """--loss ce, beyond the paper: softmax cross-entropy of the next item against all N
-    items (padding excluded), averaged over the real positions: logits (B, L, N+1)."""
-    logits = logits[mask].float()  # (n, N+1)
-    logits[:, 0] = -torch.inf
-    return F.cross_entropy(logits, pos[mask])
+    items (the padding column 0 dropped), averaged over the real positions: logits (B, L, N+1).
+    Padding positions are ignored by their target (-100), not removed: static shapes."""
+    targets = (pos - 1).masked_fill(~mask, -100)  # (B, L) item i is class i - 1
+    return F.cross_entropy(logits[..., 1:].float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
 class PhaseLoss(nn.Module):
@@ -470,7 +474,7 @@ def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
     train_in, train_pos, train_items, real = train_in[keep], train_pos[keep], train_items[keep], real[keep]
     # on CUDA the (U, L) tables go to the GPU once, from pinned memory; batches are indexed there
     on_device = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" else (lambda t: t)
-    batch_in, batch_pos, batch_real = on_device(train_in), on_device(train_pos), on_device(real)
+    batch_in, batch_pos, batch_real, batch_items = (on_device(t) for t in (train_in, train_pos, real, train_items))
     step_loss = PhaseLoss(model, extra_loss, use_rec_loss, args.loss)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -484,7 +488,7 @@ def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
         {"params": [w for n, w in trained if n.startswith("gate.")], "weight_decay": gate_decay}]
     opt = adamw(groups, args)
     compiled_loss = compile_loss(step_loss, args)
-    gen = torch.Generator().manual_seed(args.seed)  # negatives and batch order
+    gen = torch.Generator(device).manual_seed(args.seed)  # negatives and batch order, drawn where training runs
     epoch, best, best_state, log, since_best = 0, -1.0, None, [], 0
     last = state_path(out)
     if args.resume:
@@ -505,33 +509,39 @@ def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
         epoch += 1
         t0 = time.time()
         model.train()
-        neg = on_device(sample_negatives(train_items, data["n_items"], train_pos.shape, gen) * real)  # (U, L), each epoch
-        order = shard(torch.randperm(len(train_in), generator=gen), rank, world)
-        sums = {}
+        neg = sample_negatives(batch_items, data["n_items"], train_pos.shape, gen) * batch_real  # (U, L), each epoch
+        order = shard(torch.randperm(len(train_in), generator=gen, device=device), rank, world)
+        # no step waits for the device: the logged sums and the first non-finite loss stay there
+        # until the epoch ends (a GPU step then runs ahead of the host; the state of the last
+        # finished epoch is what a non-finite loss leaves behind either way)
+        sums, first_bad, bad_loss = {}, torch.tensor(-1, device=device), torch.tensor(0.0, device=device)
         batches = range(0, len(order), args.batch_size)
         # progress bars only on a terminal (disable=None), never with --quiet or on other ranks
         for step, i in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False,
                                       disable=True if args.quiet or not main else None)):
-            idx = order[i:i + args.batch_size].to(device)
+            idx = order[i:i + args.batch_size]
             seq, pos, n, m = (t[idx] for t in (batch_in, batch_pos, neg, batch_real))
             with step_context(device, args):
                 loss, logs = (compiled_loss if len(idx) == args.batch_size else step_loss)(seq, pos, n, m)
-            finite = torch.isfinite(loss.detach()).float()
-            if world > 1:  # every rank stops together, or the others would wait for it forever
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if not finite:
-                kept = f"the state after epoch {epoch - 1} is kept in {last}" if epoch > 1 else "no epoch finished"
-                raise SystemExit(f"non-finite loss {loss.item()} at epoch {epoch}, batch {step + 1} of {len(batches)}; "
-                                 f"lower --lr or check the input data ({kept})")
+            fresh = (first_bad < 0) & ~torch.isfinite(loss.detach())
+            first_bad, bad_loss = torch.where(fresh, step, first_bad), torch.where(fresh, loss.detach().float(), bad_loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             for name, v in logs.items():
-                sums[name] = sums.get(name, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+                sums[name] = sums.get(name, 0.0) + (v.detach().double() if torch.is_tensor(v) else v)
+        stopped = (first_bad >= 0).float()
+        if world > 1:  # every rank stops together, or the others would wait for it forever
+            dist.all_reduce(stopped, op=dist.ReduceOp.MAX)
+        if stopped:
+            kept = f"the state after epoch {epoch - 1} is kept in {last}" if epoch > 1 else "no epoch finished"
+            where = f"batch {int(first_bad) + 1} of {len(batches)}" if first_bad >= 0 else "a batch of another process"
+            raise SystemExit(f"non-finite loss {float(bad_loss)} at epoch {epoch}, {where}; "
+                             f"lower --lr or check the input data ({kept})")
         valid = evaluate(model, data, "valid", K, args.eval_batch_size, args.keep_repeated_targets) if main else None
         if world > 1:
             valid = broadcast(valid)  # the same early-stopping decision on every rank
-        row = {"epoch": epoch, **{n: v / len(batches) for n, v in sums.items()},
+        row = {"epoch": epoch, **{n: float(v) / len(batches) for n, v in sums.items()},
                f"valid_HR@{K}": valid[f"HR@{K}"], f"valid_nDCG@{K}": valid[f"nDCG@{K}"], "seconds": time.time() - t0}
         log.append(row)
         better = valid[stop] > best

@@ -1,4 +1,6 @@
-"""Tests of the training step's speed flags (trainer.add_speed_args): the compiled step gives the
+"""Tests of the training step's speed flags (trainer.add_speed_args): the steps of phases 1 and 3
+trace whole with static shapes, and fit reads nothing back from the device per step (what a
+CUDA graph needs); the compiled step gives the
 eager step's loss and weights, also after a --resume-style load; a failed compile trains eagerly
 after one note; --precision bf16 trains under bf16 autocast on a CPU while evaluation stays float32
 (a default run keeps float32 and foreach AdamW), and resumes as an uninterrupted run; the masks of
@@ -15,13 +17,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from dataset import split_sequences  # noqa: E402
 from models import make_expert  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
-from test_models import D, N, cfg, gen, sequences, text_table  # noqa: E402
+from test_models import D, N, cfg, gen, make_pad, sequences, text_table  # noqa: E402
 from trainer import (PhaseLoss, adamw, add_training_args, attention_bits16_dropout, bits16_dropout,  # noqa: E402
                      compile_loss, fit, step_context)
 
@@ -88,6 +91,54 @@ def test_compiled_step_gives_the_eager_loss_and_parameters(capsys):
     eager.load_state_dict(tiny_expert().state_dict())
     compiled.load_state_dict(tiny_expert().state_dict())
     assert torch.allclose(compiled_fn(*batch(1))[0], eager_fn(*batch(1))[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model, loss", [("id", "bce"), ("id", "ce"), ("pad", "bce"), ("pad", "ce")])
+def test_phase_1_and_3_steps_trace_whole_as_one_graph(model, loss):
+    """Dynamo traces the whole step (fullgraph=True fails on a graph break) and every tensor in
+    it has a static shape (a boolean index would give an unbacked size), so reduce-overhead can
+    capture it as one CUDA graph."""
+    sizes = set()
+
+    def static_shapes(graph, inputs):
+        for node in graph.graph.nodes:
+            value = node.meta.get("example_value")
+            for t in value if isinstance(value, (tuple, list)) else [value]:
+                sizes.update(type(n) for n in t.shape) if isinstance(t, torch.Tensor) else None
+        return graph.forward
+
+    net = tiny_expert() if model == "id" else make_pad(["id", "align", "llm"], "freq")
+    step = PhaseLoss(net.eval(), None, True, loss)
+    traced = torch.compile(step, backend=static_shapes, fullgraph=True, dynamic=False)
+    assert torch.allclose(traced(*batch())[0], step(*batch())[0], rtol=1e-6)
+    assert sizes == {int}
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the calls in this repository's code that read a tensor's value on the host (on a
+    GPU each waits for it). torch's own reads are not ours: AdamW's step counters live on the host."""
+    READS = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "numpy", "cpu")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        caller = Path(sys._getframe(1).f_code.co_filename)
+        self.count += getattr(func, "__name__", "") in self.READS and ROOT in caller.parents and ".venv" not in caller.parts
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path):
+    """fit's host reads (negatives' rejection loop, end-of-epoch logs, validation) do not grow
+    with the number of steps: 4 times the steps, the same count."""
+    data, reads = tiny_data(), []
+    for batch_size in (4, 16):
+        torch.manual_seed(0)
+        with HostReads() as counter:
+            fit(expert_for(data), data, speed(epochs=1, quiet=True, batch_size=batch_size), tmp_path / f"b{batch_size}.pt")
+        reads.append(counter.count)
+    assert reads[0] == reads[1] > 0
 
 
 def broken_compile(*args, **kwargs):
