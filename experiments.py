@@ -12,7 +12,7 @@ PAD) are trained once. Runs go to RUNS/NAME/ under the phase scripts' own defaul
 run), EXP.json (the rows and the summary), EXP.md (the table) and EXP.png (the figure).
 
   table2  SASRec, Hybrid, MoRec, CTRL, MAKE, DisCo, SMEM and PAD: HR@10 / nDCG@10 mean ± std,
-          Impr. of PAD over SASRec, paired t-test of PAD against the best baseline (★: p < 0.05)
+          Impr. of PAD over SASRec, paired t-test of PAD against the best baseline (★: above it, p < 0.05)
   table3  GRU4Rec and Caser alone ("Origin") and inside PAD
   fig2    HR@10 of SASRec and PAD on warm / median / cold target items
   fig3    cold item pairs with the top / bottom 10% collaborative distance: their distances
@@ -288,12 +288,14 @@ def by_label(all_rows):
 
 
 def significance(table, ours="PAD", metric="nDCG@10"):
-    """Paired t-test of `ours` against the best other label (by mean `metric`), seeds matched."""
+    """Paired t-test of `ours` against the best other label (by mean `metric`), seeds matched:
+    (that label, p, mean difference ours - it over those seeds)."""
     others = {lb: rs for lb, rs in table.items() if lb != ours}
     best = max(others, key=lambda lb: mean_std([r[metric] for r in others[lb]])[0])
     seeds = sorted({r["seed"] for r in table[ours]} & {r["seed"] for r in table[best]})
     pick = {lb: {r["seed"]: r[metric] for r in table[lb]} for lb in (ours, best)}
-    return best, paired_t([pick[ours][s] for s in seeds], [pick[best][s] for s in seeds])
+    a, b = [pick[ours][s] for s in seeds], [pick[best][s] for s in seeds]
+    return best, paired_t(a, b), (sum(a) - sum(b)) / len(seeds)
 
 
 # --- Figures -----------------------------------------------------------------------------
@@ -465,12 +467,13 @@ def report(exp, panels, data, args, results):
                 metrics = ["HR@10", "nDCG@10", "cold HR@10"]
                 if all("HR@10 (repeats kept)" in r for rs in t.values() for r in rs):
                     metrics += ["HR@10 (repeats kept)", "nDCG@10 (repeats kept)"]
-                best, p = significance(t) if "PAD" in t and len(t) > 1 else (None, float("nan"))
+                best, p, diff = significance(t) if "PAD" in t and len(t) > 1 else (None, float("nan"), 0.0)
                 paper = PAPER_TABLE2.get(name)
                 extra = ("paper HR@10 / nDCG@10", {lb: "%.2f / %.2f" % v for lb, v in paper.items()}) if paper else None
-                md += [summary_table(t, metrics, base="SASRec" if "SASRec" in t else None, star=("PAD", p), extra=extra)]
-                if best:
-                    md += [f"\nPAD vs the best other row ({best}), paired t-test over seeds on nDCG@10: p = {p:.3g}"]
+                md += [summary_table(t, metrics, base="SASRec" if "SASRec" in t else None, star=("PAD", p if diff > 0 else float("nan")), extra=extra)]
+                if best:  # ★ only where PAD is above that row
+                    md += [f"\nPAD vs the best other row ({best}), paired t-test over seeds on nDCG@10: "
+                           f"PAD {'above' if diff > 0 else 'below'} it by {abs(diff):.2f}, p = {p:.3g}"]
             elif exp == "table3":
                 md += [f"### {panel}\n" + summary_table(t, base="Origin")]
             elif exp == "fig2":

@@ -103,8 +103,13 @@ def test_paired_t_matches_scipy_and_picks_the_best_baseline():
     assert paired_t(a, b) == pytest.approx(ttest_rel(a, b).pvalue)
     table = {lb: [{"seed": s, "nDCG@10": v, "HR@10": v, "cold HR@10": 0.0} for s, v in enumerate(vals)]
              for lb, vals in {"SASRec": [5, 5.2, 5.1], "SMEM": [6, 6.3, 6.1], "PAD": [6.5, 6.9, 6.6]}.items()}
-    best, p = significance(table)
+    best, p, diff = significance(table)
     assert best == "SMEM" and p == pytest.approx(ttest_rel([6.5, 6.9, 6.6], [6, 6.3, 6.1]).pvalue)
+    assert diff == pytest.approx((6.5 + 6.9 + 6.6 - 6 - 6.3 - 6.1) / 3)
+    table["text-kNN"] = [{"seed": s, "nDCG@10": 9.0 + s / 10, "HR@10": 9.0, "cold HR@10": 0.0} for s in range(3)]
+    best, p_below, diff = significance(table)  # PAD significantly below the best row: a p-value, no star
+    assert best == "text-kNN" and p_below < 0.05 and diff < 0
+    del table["text-kNN"]
     md = summary_table(table, base="SASRec", star=("PAD", p))
     assert "6.67 ± 0.21★" in md and f"{100 * (6.6667 / 5.1 - 1):+.1f}%" in md
 
