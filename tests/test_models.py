@@ -568,3 +568,29 @@ def test_gate_fit_ce_is_the_masked_softmax_loss_of_eq11_by_loop(capsys):
     after = pad.state_dict()
     assert all(torch.equal(after[k], v) for k, v in experts.items())
     assert all(not torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_gate_fit_bce_is_eq1_on_phi_of_eq11_by_loop(capsys):
+    """finetune.fit_gate with --loss bce: its validation loss is Eq. (1) on Phi (Eq. 11, the loop
+    above): -log sigma(Phi of the target) averaged over users, plus -log(1 - sigma(Phi)) of the
+    negatives it drew outside each user's items, averaged over users and negatives (lr 0: one
+    pass, one batch, measures it)."""
+    import types
+
+    from dataset import history_before_target, split_sequences
+    from finetune import fit_gate
+
+    pad = make_pad(EXPERTS, "freq")
+    g = gen(6)
+    seqs = torch.stack([torch.randperm(N, generator=g)[:L + 3] + 1 for _ in range(6)])  # no repeated targets
+    args = types.SimpleNamespace(seed=3, quiet=False, loss="bce", gate_fit_epochs=1)
+    fit_gate(pad, {"seqs": seqs, "n_items": N}, args, lr=0.0, negatives=4)
+    got = float(capsys.readouterr().out.split("bce ")[-1])
+
+    inputs, targets = split_sequences(seqs, "valid")
+    history = history_before_target(seqs, "valid")
+    neg = sample_negatives(torch.cat([history, targets[:, None]], 1), N, (len(seqs), 4), torch.Generator().manual_seed(3))
+    phi = loop_pad_scores(list(pad.experts.values()), pad.gate, "freq", pad.bucket, inputs)  # (U, N+1)
+    pos_term = sum(math.log1p(math.exp(-float(phi[u, targets[u]]))) for u in range(len(seqs))) / len(seqs)
+    neg_term = sum(math.log1p(math.exp(float(phi[u, j]))) for u in range(len(seqs)) for j in neg[u]) / neg.numel()
+    assert got == pytest.approx(pos_term + neg_term, abs=1e-4)
