@@ -157,6 +157,7 @@ def groups(exp, plan, seeds):
               # beyond the paper: the text path's screen (results/README.md), f_MLP on the standardised
               # table with one linear layer, with the paper's BCE and with the full-softmax CE
               "MoRec (std f_MLP)": per_seed(lambda s: plan.baseline(s, "morec", text=TEXT_FIX)),
+              "PAD (std f_MLP)": per_seed(lambda s: plan.finetune(s, text=TEXT_FIX)),
               "MoRec (CE, std f_MLP)": per_seed(lambda s: plan.baseline(s, "morec", loss="ce", text=TEXT_FIX)),
               "PAD (CE, std f_MLP, LLM from MoRec)": per_seed(lambda s: plan.finetune(s, loss="ce", text=TEXT_FIX,
                                                                                        llm_init=True)),
