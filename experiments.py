@@ -23,6 +23,9 @@ run), EXP.json (the rows and the summary), EXP.md (the table) and EXP.png (the f
           (a) after each anchoring variant (phase 2); (b) one table fine-tuned on BCE after
           phase 1 (SE-BCE-Tune: finetune.py --experts id) or after alignment (SE-BCE-Align-
           Tune: --experts align); (c) that single aligned table vs PAD's two ID tables
+  deviations  beyond the paper: each choice of the authors' release where the paper is silent
+          (--preset authors), alone on top of our defaults: SASRec where it reaches phase 1, and
+          PAD; paired t-test of each against ours
 --extra passes flags to every training run (e.g. --extra "--epochs 2" for a smoke test),
 --model-flags to the runs that build a model from scratch; --dry-run lists the commands
 still to run.
@@ -46,10 +49,34 @@ from analysis import embedding_kendall_tau, embedding_table
 from dataset import DEFAULT_ALIGN, GROUPS, align_tag, atomic_write_text, bucket_groups, load_dataset, run_path
 from evaluate import mean_std, metric_row, summary_table
 from models import model_from_checkpoint, read_checkpoint
-from trainer import PRESETS
+from trainer import AUTHORS_INFONCE_WEIGHT, PRESETS
 
-EXPERIMENTS = ("table2", "table3", "fig2", "fig3", "fig4", "fig5", "fig6")
+EXPERIMENTS = ("table2", "table3", "fig2", "fig3", "fig4", "fig5", "fig6", "deviations")
 TEXT_FIX = {"text_norm": "standard", "text_layers": 0}  # the text-path screen's f_MLP (results/README.md)
+
+
+def authors_flags(keys, scripts=("pretrain", "align", "finetune")):
+    """The flags of --preset authors (trainer.PRESETS) for `keys`, per phase script that reads them."""
+    preset = PRESETS["authors"]
+    per_script = {s: {**preset["all"], **preset.get(s, {})} for s in scripts}
+    return {s: [part for k in keys for part in (f"--{k.replace('_', '-')}", str(v[k]))] for s, v in per_script.items()}
+
+
+# experiments.py deviations: each choice of the authors' release where the paper is silent (the
+# issue-15 audit, trainer.PRESETS["authors"]), alone on top of our defaults:
+# {label: (run-name tag, flags per phase script, PAD's gamma and gate)}
+AUTHORS_CHOICES = {
+    "lr 1e-5 (phase 3: 1e-4)": ("authors-lr", authors_flags(["lr"]), {}),
+    "stop on HR@10, patience 20, test the last epoch": (
+        "authors-stop", authors_flags(["stop_metric", "patience", "test_epoch"]), {}),
+    "SASRec block (LayerNorm inputs, width 4d, Xavier)": ("authors-block", authors_flags(["sasrec_block"], ["pretrain"]), {}),
+    "γ 0.2": ("", {}, {"gamma": PRESETS["authors"]["align"]["gamma"]}),  # the gamma is in the run names
+    "MMD over every batch slot": ("authors-mmdrows", authors_flags(["mmd_rows"], ["align"]), {}),
+    "fusion dropout 0.1": ("authors-fusedrop", authors_flags(["fuse_dropout"], ["align"]), {}),
+    "bucket gate, ramp start, weight decay 0.01": (
+        "authors-gate", authors_flags(["gate_init", "gate_weight_decay"], ["finetune"]),
+        {"gate": PRESETS["authors"]["finetune"]["gate"]}),
+}
 
 # The paper's Table 2 (HR@10, nDCG@10 in %), printed beside ours for its datasets
 PAPER_TABLE2 = {
@@ -73,6 +100,7 @@ class Run:
     out: Path  # checkpoint; its metrics are out.with_suffix(".json")
     cmd: list  # script and its own flags
     deps: list = field(default_factory=list)  # Runs that must finish first
+    variant: str = ""  # deviations: the authors' choice this run (or a run it needs) was trained with
 
     @property
     def done(self):
@@ -86,17 +114,30 @@ class Plan:
     """The runs of one dataset and backbone-seed grid, each built once (shared by experiments),
     named by dataset.run_path as the scripts name their own output."""
 
-    def __init__(self, runs, data, preset="none"):
+    def __init__(self, runs, data, preset="none", gamma=None, gate=None):
         self.runs_root, self.data, self.preset, self.runs = Path(runs), data, preset, {}  # runs go to RUNS/NAME/
         # PAD's own settings: the scripts' defaults, or the preset's
-        self.gamma = PRESETS[preset].get("align", {}).get("gamma", DEFAULT_ALIGN["gamma"])
-        self.gate = PRESETS[preset].get("finetune", {}).get("gate", "freq")
+        self.gamma = gamma or PRESETS[preset].get("align", {}).get("gamma", DEFAULT_ALIGN["gamma"])
+        self.gate = gate or PRESETS[preset].get("finetune", {}).get("gate", "freq")
         self.pad_align = (DEFAULT_ALIGN["kernel"], DEFAULT_ALIGN["anchor"], self.gamma)
+        self.tag, self.flags = "", {}  # a variant's name tag and its flags per script
+
+    def variant(self, tag, flags, **settings):
+        """The same plan with extra flags per script ({"align": ["--mmd-rows", "batch"]}) and
+        PAD's gamma or gate; a run given flags, and every run that needs one, is named _TAG.
+        Runs are shared with this plan."""
+        v = Plan(self.runs_root, self.data, self.preset, **settings)
+        v.runs, v.tag, v.flags = self.runs, tag, flags
+        return v
 
     def _run(self, script, cmd, seed, deps=(), **settings):
-        out = run_path(self.data["name"], script, runs=self.runs_root, seed=seed, preset=self.preset, **settings)
+        flags = self.flags.get(script, [])
+        variant = self.tag if flags or any(d.variant for d in deps) else ""
+        out = run_path(self.data["name"], script, runs=self.runs_root, seed=seed,
+                       preset="-".join(t for t in (self.preset, variant) if t != "none") or "none", **settings)
         if out not in self.runs:
-            self.runs[out] = Run(out, [*cmd, "--seed", str(seed), "--preset", self.preset, "--out", str(out)], list(deps))
+            self.runs[out] = Run(out, [*cmd, *flags, "--seed", str(seed), "--preset", self.preset, "--out", str(out)],
+                                 list(deps), variant)
         return self.runs[out]
 
     def pretrain(self, seed, backbone="sasrec", loss="bce"):
@@ -165,6 +206,16 @@ def groups(exp, plan, seeds):
                   lambda s: plan.finetune(s, loss="ce", text=TEXT_FIX, llm_init=True, gate_fit="valid"))}
     if exp == "table2":
         return {"": table2}
+    if exp == "deviations":
+        choices = {lb: plan.variant(tag, flags, **settings) for lb, (tag, flags, settings) in AUTHORS_CHOICES.items()}
+        infonce = plan.variant("authors-tau", authors_flags(["tau"], ["align"]), gamma=AUTHORS_INFONCE_WEIGHT)
+        return {"SASRec (phase 1)": {"ours": table2["SASRec"], **{lb: per_seed(v.pretrain) for lb, v in choices.items()
+                                                                  if "pretrain" in v.flags}},
+                "PAD": {"ours": table2["PAD"], **{lb: per_seed(v.finetune) for lb, v in choices.items()},
+                        "InfoNCE kernel (ours: τ 0.07, weight γ 0.1)": per_seed(
+                            lambda s: plan.finetune(s, ("infonce", "rec", plan.gamma))),
+                        "InfoNCE kernel, τ 0.1, weight 0.01": per_seed(
+                            lambda s: infonce.finetune(s, ("infonce", "rec", infonce.gamma)))}}
     if exp == "table3":
         return {b: {"Origin": per_seed(lambda s: plan.pretrain(s, b.lower())),
                     "+PAD": per_seed(lambda s: plan.finetune(s, backbone=b.lower()))} for b in ("GRU4Rec", "Caser")}
@@ -448,7 +499,8 @@ def report(exp, panels, data, args, results):
     name = data["name"]
     title = {"table2": "Table 2", "table3": "Table 3", "fig2": "Fig. 2: SASRec vs PAD by target frequency",
              "fig3": "Fig. 3: top/bottom-10% collaborative pairs of cold items", "fig4": "Fig. 4: anchoring",
-             "fig5": "Fig. 5", "fig6": "Fig. 6: Kendall's tau to the phase-1 ID table"}[exp]
+             "fig5": "Fig. 5", "fig6": "Fig. 6: Kendall's tau to the phase-1 ID table",
+             "deviations": "The authors' choices, one at a time"}[exp]
     title += f" ({name}, seed {args.seeds[0]})" if exp == "fig3" else f" ({name}, seeds {args.seeds})"
     if exp == "fig6":
         all_rows = kendall_rows(panels, data, args.max_pairs)
@@ -475,13 +527,18 @@ def report(exp, panels, data, args, results):
                 if best:  # ★ only where PAD is above that row
                     md += [f"\nPAD vs the best other row ({best}), paired t-test over seeds on nDCG@10: "
                            f"PAD {'above' if diff > 0 else 'below'} it by {abs(diff):.2f}, p = {p:.3g}"]
+            elif exp == "deviations":  # each authors' choice against ours, seeds paired
+                ours = {r["seed"]: r for r in t["ours"]}
+                p_ours = {lb: " / ".join(f"{paired_t([r[m] for r in rs], [ours[r['seed']][m] for r in rs]):.2g}"
+                                         for m in ("HR@10", "nDCG@10")) for lb, rs in t.items() if lb != "ours"}
+                md += [f"### {panel}\n" + summary_table(t, base="ours", extra=("p vs ours, HR@10 / nDCG@10", p_ours))]
             elif exp == "table3":
                 md += [f"### {panel}\n" + summary_table(t, base="Origin")]
             elif exp == "fig2":
                 md += [summary_table(t, metrics=[f"{g} HR@10" for g in GROUPS] + [f"{g} nDCG@10" for g in GROUPS], base="SASRec")]
             else:
                 md += [(f"### {panel}\n" if panel else "") + summary_table(t)]
-        if exp not in ("table2", "table3"):
+        if exp not in ("table2", "table3", "deviations"):
             bar_figure(tables, results / f"{exp}.png", title, groups=GROUPS if exp == "fig2" else None)
     atomic_write_text("\n\n".join(md) + "\n", results / f"{exp}.md")
     atomic_write_text(json.dumps({"experiment": exp, "data": name, "seeds": args.seeds, "rows": all_rows}, indent=1),
@@ -493,7 +550,7 @@ def report(exp, panels, data, args, results):
         w.writerows(all_rows)
     os.replace(results / f"{exp}.csv.tmp", results / f"{exp}.csv")
     print("\n".join(md))
-    print(f"wrote {results}/{exp}.md, .csv, .json" + ("" if exp in ("table2", "table3") else ", .png"))
+    print(f"wrote {results}/{exp}.md, .csv, .json" + ("" if exp in ("table2", "table3", "deviations") else ", .png"))
 
 
 def main():
@@ -518,6 +575,9 @@ def main():
     args = p.parse_args()
     if args.jobs < 1:
         raise SystemExit(f"--jobs {args.jobs}: must be at least 1")
+    if "deviations" in args.experiments and args.preset != "none":
+        raise SystemExit(f"--preset {args.preset}: deviations sets the authors' choices one at a time on top of the "
+                         f"defaults; run it without --preset")
 
     data = load_dataset(args.data)
     plan = Plan(args.runs, data, args.preset)

@@ -105,7 +105,8 @@ def add_speed_args(p):
 
 # --preset authors: the authors' release (Applied-Machine-Learning-Lab/PAD at 506c72d) where the paper
 # gives no value, per script; every entry is a flag of its own. Not in it: --batch-size (the paper's
-# 16 is a flag; 128 is the CPU default) and InfoNCE's weight 0.01 (pass --kernel infonce --gamma 0.01).
+# 16 is a flag; 128 is the CPU default) and InfoNCE's weight (pass --kernel infonce --gamma 0.01).
+AUTHORS_INFONCE_WEIGHT = 0.01
 PRESETS = {
     "none": {},
     "authors": {

@@ -28,10 +28,10 @@ def experiments(work, dataset, *args):
 
 @pytest.fixture(scope="module")
 def all_experiments(work, dataset):
-    """table2 over two seeds, every other experiment over one, in one call."""
-    r = experiments(work, dataset, "table2", "--seeds", "0", "1")
+    """table2 and deviations over two seeds, every other experiment over one, in one call."""
+    r = experiments(work, dataset, "table2", "deviations", "--seeds", "0", "1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    r = experiments(work, dataset, *[e for e in EXPERIMENTS if e != "table2"], "--seeds", "0")
+    r = experiments(work, dataset, *[e for e in EXPERIMENTS if e not in ("table2", "deviations")], "--seeds", "0")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return work / "results" / "tiny"
 
@@ -40,7 +40,7 @@ def test_every_experiment_writes_its_files(all_experiments):
     for exp in EXPERIMENTS:
         for ext in ("md", "csv", "json"):
             assert (all_experiments / f"{exp}.{ext}").stat().st_size > 0, (exp, ext)
-        if exp not in ("table2", "table3"):
+        if exp not in ("table2", "table3", "deviations"):
             assert (all_experiments / f"{exp}.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -62,6 +62,45 @@ def test_table2_rows_and_significance(all_experiments):
         assert float(r["HR@10"]) == pytest.approx(metrics["test"]["HR@10"])  # the CSV is the runs' own metrics
     md = (all_experiments / "table2.md").read_text()
     assert "| PAD | 2 |" in md and "paired t-test" in md
+
+
+def test_deviations_set_one_authors_choice_each(all_experiments):
+    """deviations: every run of a row has that choice of --preset authors and our default for
+    every other flag of the preset; a row's p is scipy's paired t-test against ours."""
+    from trainer import PRESETS
+
+    rows = list(csv.DictReader(open(all_experiments / "deviations.csv")))
+    by = {(r["panel"], r["label"]): [x for x in rows if (x["panel"], x["label"]) == (r["panel"], r["label"])] for r in rows}
+    assert {lb for p, lb in by if p == "SASRec (phase 1)"} == {"ours", "lr 1e-5 (phase 3: 1e-4)", "SASRec block (LayerNorm inputs, "
+                                                              "width 4d, Xavier)", "stop on HR@10, patience 20, test the last epoch"}
+    assert len({lb for p, lb in by if p == "PAD"}) == 10 and all(len(v) == 2 for v in by.values())
+    authors = {**PRESETS["authors"]["all"], **PRESETS["authors"]["align"], **PRESETS["authors"]["finetune"]}
+    ours = {"lr": 1e-3, "stop_metric": "ndcg", "patience": 10, "test_epoch": "best", "sasrec_block": "ours", "gamma": 0.1,
+            "mmd_rows": "items", "fuse_dropout": 0.0, "tau": 0.07, "gate": "freq", "gate_init": "uniform",
+            "gate_weight_decay": None}
+    changed = {"lr 1e-5 (phase 3: 1e-4)": {"lr"}, "stop on HR@10, patience 20, test the last epoch":
+               {"stop_metric", "patience", "test_epoch"}, "SASRec block (LayerNorm inputs, width 4d, Xavier)": {"sasrec_block"},
+               "γ 0.2": {"gamma"}, "MMD over every batch slot": {"mmd_rows"}, "fusion dropout 0.1": {"fuse_dropout"},
+               "bucket gate, ramp start, weight decay 0.01": {"gate", "gate_init", "gate_weight_decay"}}
+    for label, keys in changed.items():
+        run = Path(by[("PAD", label)][0]["run"])
+        p3 = torch.load(run, weights_only=False)
+        p1 = torch.load(p3["args"]["pretrain"], weights_only=False)
+        p2 = torch.load(p3["args"]["align"], weights_only=False)
+        for phase, ckpt in (("pretrain", p1), ("align", p2), ("finetune", p3)):
+            for k, v in ckpt["args"].items():
+                if k not in ours or (k == "sasrec_block" and phase != "pretrain"):
+                    continue
+                want = {**PRESETS["authors"]["all"], **PRESETS["authors"].get(phase, {})}.get(k, authors[k]) if k in keys else ours[k]
+                assert v == want, (label, phase, k, v, want)
+    md = (all_experiments / "deviations.md").read_text()
+    for (panel, label), rs in by.items():
+        if label == "ours":
+            continue
+        base = {r["seed"]: float(r["HR@10"]) for r in by[(panel, "ours")]}
+        want = ttest_rel([float(r["HR@10"]) for r in rs], [base[r["seed"]] for r in rs]).pvalue
+        line = next(x for x in md.splitlines() if x.startswith(f"| {label} |") and md.index(x) > md.index(panel))
+        assert line.split("|")[-2].strip().split(" / ")[0] == f"{want:.2g}", (label, line)
 
 
 def test_finished_runs_are_not_recomputed(work, dataset, all_experiments):
