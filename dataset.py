@@ -199,6 +199,7 @@ RUN_NAMES = {
     "baseline": "baseline_{method}_{backbone}{tags}_seed{seed}",
 }
 DEFAULT_ALIGN = {"kernel": "gaussian", "anchor": "rec", "gamma": 0.1}  # align.py's defaults, finetune.py's input
+GATE_FITS = {"train": "", "valid": "-validfit", "valid-only": "-validonly"}  # finetune.py --gate-fit: run-name suffix
 
 
 def align_tag(kernel, anchor, gamma):

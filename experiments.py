@@ -46,7 +46,7 @@ import torch
 from tqdm import tqdm
 
 from analysis import embedding_kendall_tau, embedding_table
-from dataset import DEFAULT_ALIGN, GROUPS, align_tag, atomic_write_text, bucket_groups, load_dataset, run_path
+from dataset import DEFAULT_ALIGN, GATE_FITS, GROUPS, align_tag, atomic_write_text, bucket_groups, load_dataset, run_path
 from evaluate import mean_std, metric_row, summary_table
 from models import model_from_checkpoint, read_checkpoint
 from trainer import AUTHORS_INFONCE_WEIGHT, PRESETS
@@ -153,7 +153,8 @@ class Plan:
     def finetune(self, seed, align=None, experts="id,align,llm", gate=None, backbone="sasrec", loss="bce", text=None,
                  llm_init=False, gate_fit="train"):
         """llm_init: the LLM expert starts from the MoRec run of the same loss and text flags;
-        gate_fit valid: the gate is refit on the validation split (finetune.py --gate-fit)."""
+        gate_fit valid: the gate is refit on the validation split after training, valid-only: the
+        experts are not trained and the gate is fit on the validation split (finetune.py --gate-fit)."""
         align, gate = align or self.pad_align, gate or self.gate
         p1 = self.pretrain(seed, backbone, loss)
         cmd = ["finetune.py", "--backbone", backbone, "--pretrain", str(p1.out), "--experts", experts, "--gate", gate,
@@ -165,7 +166,7 @@ class Plan:
         if llm_init:
             morec = self.baseline(seed, "morec", backbone, loss, text)
             cmd, deps = cmd + ["--llm-init", str(morec.out)], deps + [morec]
-        return self._run("finetune", cmd, seed, deps, backbone=backbone, gate=gate + ("-validfit" if gate_fit == "valid" else ""),
+        return self._run("finetune", cmd, seed, deps, backbone=backbone, gate=gate + GATE_FITS[gate_fit],
                          experts=experts.split(","), align=tag, llm_init=llm_init, loss=loss, text=text)
 
     def baseline(self, seed, method, backbone="sasrec", loss="bce", text=None):
@@ -203,7 +204,9 @@ def groups(exp, plan, seeds):
               "PAD (CE, std f_MLP, LLM from MoRec)": per_seed(lambda s: plan.finetune(s, loss="ce", text=TEXT_FIX,
                                                                                        llm_init=True)),
               "PAD (CE, std f_MLP, LLM from MoRec, gate fit on valid)": per_seed(
-                  lambda s: plan.finetune(s, loss="ce", text=TEXT_FIX, llm_init=True, gate_fit="valid"))}
+                  lambda s: plan.finetune(s, loss="ce", text=TEXT_FIX, llm_init=True, gate_fit="valid")),
+              "PAD (CE, std f_MLP, LLM from MoRec, experts not fine-tuned, gate fit on valid)": per_seed(
+                  lambda s: plan.finetune(s, loss="ce", text=TEXT_FIX, llm_init=True, gate_fit="valid-only"))}
     if exp == "table2":
         return {"": table2}
     if exp == "deviations":

@@ -13,9 +13,10 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from dataset import DEFAULT_ALIGN, align_tag, history_before_target, run_path, split_sequences, text_of
+from dataset import DEFAULT_ALIGN, GATE_FITS, align_tag, history_before_target, run_path, split_sequences, text_of
 from models import BACKBONES, EXPERTS, GATE_INITS, GATES, build_model, check_checkpoint, model_from_checkpoint, read_checkpoint
-from trainer import (FLAG_DEFAULTS, TEXT_FLAGS, add_text_args, add_training_args, bce_loss, finish, fit,
+from evaluate import protocol
+from trainer import (FLAG_DEFAULTS, K, TEXT_FLAGS, add_text_args, add_training_args, bce_loss, finish, fit,
                      is_main_process, match_text_args, parse_args, reuse_finished, sample_negatives, setup)
 
 
@@ -42,11 +43,13 @@ def main():
                         "about 1-2%%); paper: not given")
     p.add_argument("--gate-weight-decay", type=float, default=None,
                    help="AdamW weight decay of the gate's parameters; default --weight-decay (authors' release: 0.01)")
-    p.add_argument("--gate-fit", default="train", choices=("train", "valid"),
+    p.add_argument("--gate-fit", default="train", choices=tuple(GATE_FITS),
                    help="train: the gate learns with the experts on the training data (Alg. 1); valid (beyond the "
                         "paper): after that, the gate alone is refit on the validation targets, experts frozen, "
-                        "because on training data the memorised ID expert always wins; measured with --loss ce (with bce "
-                        "it collapsed onto one expert: results/README.md)")
+                        "because on training data the memorised ID expert always wins; valid-only (beyond the paper): "
+                        "no training on the training data, the experts keep the weights phases 1-2 and --llm-init gave "
+                        "them and the gate is fit on the validation targets alone; measured with --loss ce (with bce "
+                        "the refit collapsed onto one expert: results/README.md)")
     p.add_argument("--gate-fit-epochs", type=int, default=5, help="--gate-fit valid: passes over the validation users")
     p.add_argument("--llm-init", default=None,
                    help="a baselines.py --method morec run that seeds the LLM expert (as MAKE does; beyond the paper, "
@@ -81,7 +84,7 @@ def main():
     FLAG_DEFAULTS.update({key: default for _, key, default in TEXT_FLAGS})  # what a run made before these flags used
     for _, key, default in TEXT_FLAGS:
         setattr(args, key, default if getattr(args, key) is None else getattr(args, key))
-    gate_name = args.gate + ("-validfit" if args.gate_fit == "valid" else "")  # e.g. finetune_sasrec_freq-validfit_...
+    gate_name = args.gate + GATE_FITS[args.gate_fit]  # e.g. finetune_sasrec_freq-validfit_...
     out = args.out or run_path(name, "finetune", backbone=args.backbone, gate=gate_name, experts=args.experts,
                                align=tag, llm_init=bool(args.llm_init), seed=args.seed, **tags, text=text_of(args))
     if reuse_finished(out, data, args):
@@ -103,10 +106,14 @@ def main():
 
     # --- Eq. (11): Phi = sum_k g_k(b(i), h_k) o_k, trained with BCE on Phi (MMD removed) ---
     print(f"phase 3: experts {','.join(args.experts)}, gate {args.gate}, from {', '.join(paths[k] for k in ckpts)}")
-    model, log = fit(model, data, args, out)
+    if args.gate_fit == "valid-only":  # DEVIATION (beyond the paper): the experts as phases 1-2 left them
+        print(protocol(data, K, args.keep_repeated_targets))
+        log = []
+    else:
+        model, log = fit(model, data, args, out)
     if not is_main_process():  # under torchrun, rank 0 tests and writes
         return
-    if args.gate_fit == "valid":
+    if args.gate_fit != "train":
         fit_gate(model, data, args)
     model.eval()
     with torch.no_grad():
@@ -122,13 +129,14 @@ def main():
 
 
 def fit_gate(model, data, args, batch_size=512, lr=1e-2, negatives=16):
-    """DEVIATION (--gate-fit valid): refit the gate of Eq. (11) alone on the validation split.
+    """DEVIATION (--gate-fit valid, valid-only): fit the gate of Eq. (11) alone on the validation split.
 
     Trained with the experts on the training data (Alg. 1), the gate learns which expert fits
     the *training* targets best, and a phase-1 ID expert trained to convergence has all but
     memorised them (Pantry: training BCE 0.12, the text expert's 0.69), so the gate switches
     the text experts off even where they rank held-out targets better. Here the experts are
-    frozen and the gate's parameters are fit, from where training left them, by Adam on the
+    frozen and the gate's parameters are fit, from where training (or, valid-only, the gate's
+    initialisation) left them, by Adam on the
     run's L_REC for each user's validation target: BCE against `negatives` items drawn
     uniformly outside the user's earlier items each pass (--loss bce), or the softmax over all
     items with those items masked (--loss ce). A target that repeats an earlier item is

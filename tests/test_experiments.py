@@ -47,13 +47,15 @@ def test_every_experiment_writes_its_files(all_experiments):
 def test_table2_rows_and_significance(all_experiments):
     rows = list(csv.DictReader(open(all_experiments / "table2.csv")))
     beyond = ["MoRec (std f_MLP)", "PAD (std f_MLP)", "MoRec (CE, std f_MLP)", "PAD (CE, std f_MLP, LLM from MoRec)",
-              "PAD (CE, std f_MLP, LLM from MoRec, gate fit on valid)"]
+              "PAD (CE, std f_MLP, LLM from MoRec, gate fit on valid)",
+              "PAD (CE, std f_MLP, LLM from MoRec, experts not fine-tuned, gate fit on valid)"]
     labels = ["SASRec", "SASRec (CE)", "text-kNN", "text-kNN (mean)", "Hybrid", "MoRec", "CTRL", "MAKE", "DisCo", "SMEM",
               "PAD", *beyond]
     assert sorted({r["label"] for r in rows}) == sorted(labels)
     names = {r["label"]: Path(r["run"]).name for r in rows if r["seed"] == "0"}
     assert names["MoRec (CE, std f_MLP)"] == "baseline_morec_sasrec_text-std-l0_ce_seed0.pt"
     assert names[beyond[4]] == "finetune_sasrec_freq-validfit_id-align-llm_gaussian_rec_gamma0.1_llm-morec_text-std-l0_ce_seed0.pt"
+    assert names[beyond[5]] == "finetune_sasrec_freq-validonly_id-align-llm_gaussian_rec_gamma0.1_llm-morec_text-std-l0_ce_seed0.pt"
     assert all(sum(r["label"] == lb for r in rows) == 2 for lb in labels)  # two seeds each
     for r in rows:
         assert 0 <= float(r["nDCG@10"]) <= float(r["HR@10"]) <= 100

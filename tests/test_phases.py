@@ -582,3 +582,26 @@ def test_gate_fit_valid_refits_only_the_gate(work, dataset, phase1, phase2):
         same = torch.equal(a[key], b[key])
         assert same != key.startswith("gate."), key  # experts untouched, every gate tensor moved
     assert load(refit)["args"]["gate_fit"] == "valid"
+
+
+def test_gate_fit_valid_only_trains_the_gate_alone(work, dataset, phase1, phase2):
+    """--gate-fit valid-only: no epoch on the training data; every expert tensor is the one
+    its phase-1 / phase-2 run holds, bit for bit, and every gate tensor moved from its
+    uniform start by the fit on the validation targets."""
+    from dataset import load_dataset
+    from models import model_from_checkpoint, read_checkpoint
+
+    out = work / "finetune_validonly.pt"
+    r = run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", phase2[0],
+            "--gate-fit", "valid-only", "--gate-fit-epochs", "2", "--eval-batch-size", "7", "--out", out)
+    assert not re.search(r"^epoch +\d", r.stdout, re.M) and "gate fit on validation, pass 2" in r.stdout, r.stdout[-2000:]
+    got = load(out)
+    metrics = json.loads(out.with_suffix(".json").read_text())
+    assert metrics["epochs"] == [] and metrics["best_epoch"] == 0 and got["args"]["gate_fit"] == "valid-only"
+    data = load_dataset(dataset)
+    for kind, phase, path in (("id", 1, phase1["sasrec"][0]), ("align", 2, phase2[0])):
+        seeded = model_from_checkpoint(read_checkpoint(path), data, path, phase=phase).state_dict()
+        for key, value in seeded.items():
+            assert torch.equal(got["state"][f"experts.{kind}.{key}"], value), (kind, key)
+    gate = {k: v for k, v in got["state"].items() if k.startswith("gate.")}
+    assert gate and all(v.abs().sum() > 0 for v in gate.values())  # uniform start: zeros
