@@ -66,6 +66,7 @@ def authors_flags(keys, scripts=("pretrain", "align", "finetune")):
 # issue-15 audit, trainer.PRESETS["authors"]), alone on top of our defaults:
 # {label: (run-name tag, flags per phase script, PAD's gamma and gate)}
 AUTHORS_CHOICES = {
+    "batch 16 (the paper's)": ("authors-batch", authors_flags(["batch_size"]), {}),
     "lr 1e-5 (phase 3: 1e-4)": ("authors-lr", authors_flags(["lr"]), {}),
     "stop on HR@10, patience 20, test the last epoch": (
         "authors-stop", authors_flags(["stop_metric", "patience", "test_epoch"]), {}),
@@ -293,10 +294,12 @@ def execute(runs, args):
 
 
 def command(run, args):
+    """The run's script with --extra and --model-flags first, so that a flag of the run itself
+    (which its name records: --gamma, a deviations choice, ...) wins over them."""
     resume = ["--resume"] if run.out.with_suffix(".last.pt").is_file() else []
     model = shlex.split(args.model_flags) if run.cmd[0] in ("pretrain.py", "baselines.py") else []  # the others read it from a checkpoint
-    return [sys.executable, *run.cmd, "--data", args.data, "--device", args.device, "--quiet", *resume,
-            *shlex.split(args.extra), *model]
+    return [sys.executable, run.cmd[0], *shlex.split(args.extra), *model, *run.cmd[1:], "--data", args.data,
+            "--device", args.device, "--quiet", *resume]
 
 
 def call(run, args, env):
@@ -564,7 +567,8 @@ def main():
     p.add_argument("--jobs", type=int, default=1, help="runs at once (CPU: one per core; each gets cores/jobs threads)")
     p.add_argument("--device", default="cpu", help="cpu or cuda, for every run")
     p.add_argument("--extra", default="", help='flags for every training run, e.g. "--epochs 2 --batch-size 16"; they '
-                   'are not in run names and finished runs are reused by name, so give such a plan its own --runs')
+                   'are not in run names and finished runs are reused by name, so give such a plan its own --runs; a flag a '
+                   'run sets itself (its name records it) wins over them')
     p.add_argument("--model-flags", default="", help='model flags for the runs that build one from scratch (pretrain.py, '
                    'baselines.py), e.g. "--d 64 --n-blocks 2"; align.py and finetune.py take them from phase 1')
     p.add_argument("--runs", default="runs", help="checkpoints go to RUNS/NAME/")

@@ -17,7 +17,7 @@ from evaluate import summary_table
 from experiments import EXPERIMENTS, pair_distances, paired_t, separation, significance
 from test_phases import ENV, ROOT, dataset, run, work  # noqa: F401  (module fixtures)
 
-FAST = ["--extra", "--epochs 1 --batch-size 16", "--model-flags", "--d 16 --n-blocks 1"]
+FAST = ["--extra", "--epochs 1 --batch-size 8", "--model-flags", "--d 16 --n-blocks 1"]
 
 
 def experiments(work, dataset, *args):
@@ -73,14 +73,15 @@ def test_deviations_set_one_authors_choice_each(all_experiments):
 
     rows = list(csv.DictReader(open(all_experiments / "deviations.csv")))
     by = {(r["panel"], r["label"]): [x for x in rows if (x["panel"], x["label"]) == (r["panel"], r["label"])] for r in rows}
-    assert {lb for p, lb in by if p == "SASRec (phase 1)"} == {"ours", "lr 1e-5 (phase 3: 1e-4)", "SASRec block (LayerNorm inputs, "
-                                                              "width 4d, Xavier)", "stop on HR@10, patience 20, test the last epoch"}
-    assert len({lb for p, lb in by if p == "PAD"}) == 10 and all(len(v) == 2 for v in by.values())
+    assert {lb for p, lb in by if p == "SASRec (phase 1)"} == {"ours", "batch 16 (the paper's)", "lr 1e-5 (phase 3: 1e-4)",
+                                                              "SASRec block (LayerNorm inputs, width 4d, Xavier)",
+                                                              "stop on HR@10, patience 20, test the last epoch"}
+    assert len({lb for p, lb in by if p == "PAD"}) == 11 and all(len(v) == 2 for v in by.values())
     authors = {**PRESETS["authors"]["all"], **PRESETS["authors"]["align"], **PRESETS["authors"]["finetune"]}
     ours = {"lr": 1e-3, "stop_metric": "ndcg", "patience": 10, "test_epoch": "best", "sasrec_block": "ours", "gamma": 0.1,
             "mmd_rows": "items", "fuse_dropout": 0.0, "tau": 0.07, "gate": "freq", "gate_init": "uniform",
-            "gate_weight_decay": None}
-    changed = {"lr 1e-5 (phase 3: 1e-4)": {"lr"}, "stop on HR@10, patience 20, test the last epoch":
+            "gate_weight_decay": None, "batch_size": 8}  # FAST: --extra "--batch-size 8"
+    changed = {"batch 16 (the paper's)": {"batch_size"}, "lr 1e-5 (phase 3: 1e-4)": {"lr"}, "stop on HR@10, patience 20, test the last epoch":
                {"stop_metric", "patience", "test_epoch"}, "SASRec block (LayerNorm inputs, width 4d, Xavier)": {"sasrec_block"},
                "γ 0.2": {"gamma"}, "MMD over every batch slot": {"mmd_rows"}, "fusion dropout 0.1": {"fuse_dropout"},
                "bucket gate, ramp start, weight decay 0.01": {"gate", "gate_init", "gate_weight_decay"}}

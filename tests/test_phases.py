@@ -467,12 +467,13 @@ def test_preset_authors_sets_its_flags_and_a_flag_given_wins(work, dataset):
     given on the command line overrides the preset; every phase runs with it (MMD rows of the
     whole batch, fusion dropout, ramp-initialised bucket gate, last epoch tested)."""
     p1, p2, p3 = (work / f"authors_phase{i}.pt" for i in (1, 2, 3))
-    two = ["--epochs", "2", "--quiet", "--batch-size", "16"]
+    two = ["--epochs", "2", "--quiet"]
     run("pretrain.py", "--data", dataset, "--preset", "authors", "--lr", "2e-3", *MODEL, *two, "--out", p1)
     run("align.py", "--data", dataset, "--preset", "authors", "--init", p1, *two, "--out", p2)
     run("finetune.py", "--data", dataset, "--preset", "authors", "--pretrain", p1, "--align", p2, *two, "--out", p3)
     a1, a2, a3 = (load(p) for p in (p1, p2, p3))
     assert a1["args"]["lr"] == 2e-3 and a1["args"]["stop_metric"] == "hr" and a1["args"]["patience"] == 20
+    assert a1["args"]["batch_size"] == a2["args"]["batch_size"] == a3["args"]["batch_size"] == 16
     assert a1["model_args"]["block"] == "authors" and a3["model_args"]["block"] == "authors"
     assert a2["args"]["lr"] == 1e-5 and a2["args"]["gamma"] == 0.2 and a2["args"]["mmd_rows"] == "batch"
     assert a2["model_args"]["fuse_dropout"] == 0.1 and a3["model_args"]["fuse_dropout"] == 0.1
