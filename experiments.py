@@ -135,7 +135,7 @@ class Plan:
         flags = self.flags.get(script, [])
         variant = self.tag if flags or any(d.variant for d in deps) else ""
         out = run_path(self.data["name"], script, runs=self.runs_root, seed=seed,
-                       preset="-".join(t for t in (self.preset, variant) if t != "none") or "none", **settings)
+                       preset="-".join(t for t in (self.preset, variant) if t not in ("none", "")) or "none", **settings)
         if out not in self.runs:
             self.runs[out] = Run(out, [*cmd, *flags, "--seed", str(seed), "--preset", self.preset, "--out", str(out)],
                                  list(deps), variant)

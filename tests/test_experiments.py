@@ -167,3 +167,12 @@ def test_separation_matches_a_loop_over_pairs():
     loop = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in far.tolist() for b in near.tolist()) / (40 * 30)
     assert separation(far, near) == pytest.approx(loop)
     assert separation(far + 10, near) == 1.0 and separation(near, near) == pytest.approx(0.5)
+
+
+def test_preset_runs_are_named_for_it(work, dataset):
+    """--preset authors: every run of the plan carries the preset and is named _authors."""
+    r = experiments(work, dataset, "table2", "--seeds", "0", "--preset", "authors", "--only", "SASRec", "PAD", "--dry-run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    outs = [line.split("--out ")[1].split()[0] for line in r.stdout.splitlines()]
+    assert len(outs) == 3 and all(Path(o).name.endswith("_authors_seed0.pt") for o in outs), outs
+    assert all("--preset authors" in line for line in r.stdout.splitlines())
