@@ -118,7 +118,7 @@ class Plan:
     def __init__(self, runs, data, preset="none", gamma=None, gate=None):
         self.runs_root, self.data, self.preset, self.runs = Path(runs), data, preset, {}  # runs go to RUNS/NAME/
         # PAD's own settings: the scripts' defaults, or the preset's
-        self.gamma = gamma or PRESETS[preset].get("align", {}).get("gamma", DEFAULT_ALIGN["gamma"])
+        self.gamma = gamma if gamma is not None else PRESETS[preset].get("align", {}).get("gamma", DEFAULT_ALIGN["gamma"])
         self.gate = gate or PRESETS[preset].get("finetune", {}).get("gate", "freq")
         self.pad_align = (DEFAULT_ALIGN["kernel"], DEFAULT_ALIGN["anchor"], self.gamma)
         self.tag, self.flags = "", {}  # a variant's name tag and its flags per script
