@@ -569,6 +569,9 @@ def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
         checksum = sum(w.double().sum().item() for w in model.state_dict().values() if w.is_floating_point())
         print(f"rank {rank} of {world}: trained weights checksum {checksum:.10e}", flush=True)
         dist.barrier()  # rank 0 finished its last save before the others leave
+        # the DDP wrapper holds the process group: free it first, so that the group is torn
+        # down here, while the interpreter is whole, and not when the wrapper happens to go
+        del step_loss, compiled_loss
         dist.destroy_process_group()
     return model, log
 
