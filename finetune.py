@@ -133,14 +133,15 @@ def fit_gate(model, data, args, batch_size=512, lr=1e-2, negatives=16):
 
     Trained with the experts on the training data (Alg. 1), the gate learns which expert fits
     the *training* targets best, and a phase-1 ID expert trained to convergence has all but
-    memorised them (Pantry: training BCE 0.12, the text expert's 0.69), so the gate switches
-    the text experts off even where they rank held-out targets better. Here the experts are
-    frozen and the gate's parameters are fit, from where training (or, valid-only, the gate's
-    initialisation) left them, by Adam on the run's L_REC for each user's validation target: BCE against `negatives` items drawn
-    uniformly outside the user's earlier items each pass (--loss bce), or the softmax over all
-    items with those items masked (--loss ce). A target that repeats an earlier item is
-    skipped (it is a miss whatever the gate does). The test split is never seen; validation
-    also picked the experts' epoch, and the metrics JSON's `valid` entry is no longer held out."""
+    memorised them (Pantry: training BCE 0.12, the text expert's 0.69), so the gate switches the
+    text experts off even where they rank held-out targets better. Here the experts are frozen
+    and the gate's parameters are fit, from where training (or, valid-only, the gate's
+    initialisation) left them, by Adam on the run's L_REC for each user's validation target: BCE
+    against `negatives` items drawn uniformly outside the user's earlier items each pass (--loss
+    bce), or the softmax over all items with those items masked (--loss ce). A target that
+    repeats an earlier item is skipped (it is a miss whatever the gate does). The test split is
+    never seen; validation also picked the experts' epoch, and the metrics JSON's `valid` entry
+    is no longer held out."""
     model.eval()
     for w in model.parameters():
         w.requires_grad_(False)
