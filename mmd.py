@@ -29,7 +29,7 @@ Deviations (each marked DEVIATION: where it happens):
     authors' code (TLlib) adds the constant 2/(n-1) to the estimate; no gradient changes.
 
     >>> h_s, h_c = torch.randn(64, 32), torch.randn(64, 32)
-    >>> loss = alignment_loss("gaussian", h_s, h_c)   # L_MK-MMD of Eq. (5), paper defaults
+    >>> loss = alignment_loss("gaussian", h_s, h_c)   # L_MK-MMD of Eq. (5), default kernels
 """
 import torch
 import torch.nn.functional as F
@@ -158,8 +158,9 @@ def mk_mmd(x, y, kernel="gaussian", multipliers=SIGMA, beta=None):
     """Eq. (5): L_MK-MMD = D_k^2(x, y), the unbiased squared MK-MMD between x (n, d) and
     y (m, d); rows need not be paired and m may differ from n.
 
-    Defaults are the paper's (Sec. 4.1): K = 5 Gaussian kernels (Eq. 12), sigma_u^2 =
-    2^{s_u} * mean squared distance for s_u in {-3, -2, -1, 0, 1}, beta_u = 1."""
+    Defaults: the paper's K = 5 Gaussian kernels (Eq. 12, Sec. 4.1) with sigma_u^2 =
+    2^{s_u} * mean squared distance for s_u in {-3, -2, -1, 0, 1} (the reading in the module
+    docstring); beta_u = 1 (not given by the paper; TLlib's)."""
     if len(x) < 2 or len(y) < 2:
         raise ValueError(f"the unbiased MMD needs >= 2 rows per sample, got {len(x)} and {len(y)}")
     z = torch.cat([x, y])  # (N, d)
