@@ -127,7 +127,8 @@ def phase1(work, dataset):
 
 @pytest.fixture(scope="module")
 def phase2(work, dataset, phase1):
-    """align.py with the paper's defaults (gaussian, rec, gamma 0.1) from the SASRec phase 1."""
+    """align.py with its defaults (the paper's Gaussian kernel and rec anchor; gamma 0.1, which the paper does not
+    give) from the SASRec phase 1."""
     path = work / "align_sasrec.pt"
     r = run("align.py", "--data", dataset, "--init", phase1["sasrec"][0], *TRAIN, "--out", path)
     return path, r.stdout
@@ -135,7 +136,7 @@ def phase2(work, dataset, phase1):
 
 @pytest.fixture(scope="module")
 def phase3(work, dataset, phase1, phase2):
-    """finetune.py with the paper's defaults (freq gate, all three experts)."""
+    """finetune.py with its defaults (Eq. (11)'s frequency gate, all three experts)."""
     path = work / "finetune_sasrec.pt"
     r = run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", phase2[0],
             *TRAIN, "--out", path)
