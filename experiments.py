@@ -9,7 +9,8 @@ exist is never recomputed, so an interrupted call picks up where it stopped (a r
 mid-way continues from its OUT.last.pt with --resume); runs shared by experiments (SASRec,
 PAD) are trained once. Runs go to RUNS/NAME/ under the phase scripts' own default names, so
 `make run` outputs are reused (and the other way round). Per experiment, RESULTS/NAME/ gets EXP.csv (one row per
-run), EXP.json (the rows and the summary), EXP.md (the table) and EXP.png (the figure).
+run), EXP.json (the rows and the summary), EXP.md (the table) and EXP.png (the figure); with
+--preset P they are EXP-P.* and the runs are named _P.
 
   table2  SASRec, Hybrid, MoRec, CTRL, MAKE, DisCo, SMEM and PAD: HR@10 / nDCG@10 mean ± std,
           Impr. of PAD over SASRec, paired t-test of PAD against the best baseline (★: above it, p < 0.05)
@@ -503,19 +504,21 @@ def fig3(panels, data, path, title):
 
 def report(exp, panels, data, args, results):
     name = data["name"]
+    stem = exp if args.preset == "none" else f"{exp}-{args.preset}"  # a preset's tables beside ours, not over them
     title = {"table2": "Table 2", "table3": "Table 3", "fig2": "Fig. 2: SASRec vs PAD by target frequency",
              "fig3": "Fig. 3: top/bottom-10% collaborative pairs of cold items", "fig4": "Fig. 4: anchoring",
              "fig5": "Fig. 5", "fig6": "Fig. 6: Kendall's tau to the phase-1 ID table",
              "deviations": "The authors' choices, one at a time"}[exp]
-    title += f" ({name}, seed {args.seeds[0]})" if exp == "fig3" else f" ({name}, seeds {args.seeds})"
+    title += f" ({name}, seed {args.seeds[0]}" if exp == "fig3" else f" ({name}, seeds {args.seeds}"
+    title += ")" if args.preset == "none" else f", --preset {args.preset})"
     if exp == "fig6":
         all_rows = kendall_rows(panels, data, args.max_pairs)
         tables = by_label(all_rows)
         buckets = [f"bucket {b}" for b in range(1, data["n_buckets"] + 1)]
         md = [f"## {title}"] + [f"### {p}\n" + summary_table(t, metrics=buckets) for p, t in tables.items()]
-        line_figure(tables, results / f"{exp}.png", title, data["n_buckets"])
+        line_figure(tables, results / f"{stem}.png", title, data["n_buckets"])
     elif exp == "fig3":
-        all_rows = fig3(panels, data, results / f"{exp}.png", title)
+        all_rows = fig3(panels, data, results / f"{stem}.png", title)
         md = [f"## {title}", summary_table(by_label(all_rows)[""], metrics=("textual separation",))]
     else:
         all_rows = rows(exp, panels)
@@ -545,18 +548,18 @@ def report(exp, panels, data, args, results):
             else:
                 md += [(f"### {panel}\n" if panel else "") + summary_table(t)]
         if exp not in ("table2", "table3", "deviations"):
-            bar_figure(tables, results / f"{exp}.png", title, groups=GROUPS if exp == "fig2" else None)
-    atomic_write_text("\n\n".join(md) + "\n", results / f"{exp}.md")
-    atomic_write_text(json.dumps({"experiment": exp, "data": name, "seeds": args.seeds, "rows": all_rows}, indent=1),
-                      results / f"{exp}.json")
-    with open(results / f"{exp}.csv.tmp", "w", newline="") as f:
+            bar_figure(tables, results / f"{stem}.png", title, groups=GROUPS if exp == "fig2" else None)
+    atomic_write_text("\n\n".join(md) + "\n", results / f"{stem}.md")
+    atomic_write_text(json.dumps({"experiment": exp, "data": name, "seeds": args.seeds, "preset": args.preset, "rows": all_rows}, indent=1),
+                      results / f"{stem}.json")
+    with open(results / f"{stem}.csv.tmp", "w", newline="") as f:
         fields = list(dict.fromkeys(k for r in all_rows for k in r))
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(all_rows)
-    os.replace(results / f"{exp}.csv.tmp", results / f"{exp}.csv")
+    os.replace(results / f"{stem}.csv.tmp", results / f"{stem}.csv")
     print("\n".join(md))
-    print(f"wrote {results}/{exp}.md, .csv, .json" + ("" if exp in ("table2", "table3", "deviations") else ", .png"))
+    print(f"wrote {results}/{stem}.md, .csv, .json" + ("" if exp in ("table2", "table3", "deviations") else ", .png"))
 
 
 def main():
@@ -572,10 +575,10 @@ def main():
     p.add_argument("--model-flags", default="", help='model flags for the runs that build one from scratch (pretrain.py, '
                    'baselines.py), e.g. "--d 64 --n-blocks 2"; align.py and finetune.py take them from phase 1')
     p.add_argument("--runs", default="runs", help="checkpoints go to RUNS/NAME/")
-    p.add_argument("--results", default="results", help="tables and figures go to RESULTS/NAME/")
+    p.add_argument("--results", default="results", help="tables and figures go to RESULTS/NAME/ (EXP.md; with --preset P, EXP-P.md)")
     p.add_argument("--max-pairs", type=int, default=5000, help="fig6: behaviour-target pairs per bucket")
     p.add_argument("--preset", default="none", choices=tuple(PRESETS),
-                   help="every run with this --preset (trainer.PRESETS; e.g. authors), named _PRESET")
+                   help="every run with this --preset (trainer.PRESETS; e.g. authors), named _PRESET; tables EXP-PRESET.md")
     p.add_argument("--only", nargs="+", metavar="LABEL",
                    help="run and report only these labels of the chosen experiments, e.g. SASRec text-kNN PAD")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do, run nothing")

@@ -176,3 +176,17 @@ def test_preset_runs_are_named_for_it(work, dataset):
     outs = [line.split("--out ")[1].split()[0] for line in r.stdout.splitlines()]
     assert len(outs) == 3 and all(Path(o).name.endswith("_authors_seed0.pt") for o in outs), outs
     assert all("--preset authors" in line for line in r.stdout.splitlines())
+
+
+def test_preset_tables_do_not_overwrite_ours(work, dataset):
+    """--preset authors writes table2-authors.* beside table2.*, which it leaves as it was."""
+    ours = work / "results" / "tiny" / "table2.md"
+    before = ours.read_bytes() if ours.is_file() else None
+    r = experiments(work, dataset, "table2", "--seeds", "0", "--preset", "authors", "--only", "SASRec")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (ours.read_bytes() if ours.is_file() else None) == before
+    md = (work / "results" / "tiny" / "table2-authors.md").read_text()
+    assert md.startswith("## Table 2 (tiny, seeds [0], --preset authors)") and "| SASRec | 1 |" in md
+    rows = list(csv.DictReader(open(work / "results" / "tiny" / "table2-authors.csv")))
+    assert [Path(r["run"]).name for r in rows] == ["pretrain_sasrec_authors_seed0.pt"]
+    assert json.loads((work / "results" / "tiny" / "table2-authors.json").read_text())["preset"] == "authors"
