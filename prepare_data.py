@@ -27,13 +27,25 @@ Datasets (`--data`):
                  position in its user's list is its time, and item ids follow the metadata's
                  row order (step 5). Text: item title.
                - the Amazon 2018 files, as for electronics below.
-  electronics, or any Amazon 2018 category name (Electronics, ...):
-               ratings `<Category>.csv`, else reviews `<Category>.json.gz`, else
-               `<Category>_5.json.gz`, plus `meta_<Category>.json.gz`. Interaction: rating > 3
-               (Sec. 4.1.1) on an item with a non-empty metadata title. Text: item title.
+  electronics, or any Amazon category name (Electronics, Beauty, Video_Games, ...), in the
+               2018 or the 2014 release, whichever --raw-dir holds:
+               - 2018: ratings `<Category>.csv` (item,user,rating,timestamp), else reviews
+                 `<Category>.json.gz`, else `<Category>_5.json.gz`, plus `meta_<Category>.json.gz`
+                 (JSON lines).
+               - 2014: reviews `reviews_<Category>_5.json.gz` (JSON lines) or ratings
+                 `ratings_<Category>.csv` (user,item,rating,timestamp), plus `meta_<Category>.json.gz`,
+                 whose lines are Python literals (single-quoted dicts), not JSON.
+               Both years name their metadata alike, so a folder holding interaction files of
+               both years is refused, as is one holding both 2014 files (the 5-core reviews and
+               every rating are different data): the error names the files to remove.
+               Interaction: rating > 3 (Sec. 4.1.1) on an item with a non-empty metadata title
+               (items without one are dropped). Text: item title, HTML entities decoded
+               (`&amp;` -> `&`); the first non-empty title of a repeated asin.
   recbole:PATH any RecBole atomic dataset `PATH/NAME.inter` + `PATH/NAME.item` (NAME is the
-               basename of PATH); text is the first item field whose name contains "title"
-               (else "name"). Every row is an interaction unless --rating-above is given.
+               basename of PATH), read as RecBole reads them: tab-separated, double quotes
+               honoured (a quoted title may hold a tab or a line break). Text is the first item
+               field whose name contains "title" (else "name"), HTML entities decoded. Every row
+               is an interaction unless --rating-above is given.
 
 Protocol (Appendix A), applied in this order:
   1. interaction filters: --rating-above (Amazon: rating > 3), then drop rows whose item has
@@ -62,6 +74,7 @@ Example:
     python prepare_data.py --data ml-100k
     python prepare_data.py --data pantry --download
     python prepare_data.py --data pantry --raw-dir data/raw/pantry --encoder llm2vec --device cuda
+    python prepare_data.py --data Beauty --raw-dir DIR   # reviews_Beauty_5.json.gz + meta_Beauty.json.gz
 """
 import argparse
 import ast
@@ -70,6 +83,7 @@ import csv
 import functools
 import gzip
 import hashlib
+import html
 import http.client
 import importlib.metadata
 import importlib.util
@@ -92,6 +106,7 @@ import torch
 from dataset import atomic_save, atomic_write_text, bucket_table, fingerprint, frequency_buckets, item_frequency
 
 AMAZON_URL = "https://cseweb.ucsd.edu/~jmcauley/datasets/amazon_v2/"
+AMAZON_2014_URL = "http://jmcauley.ucsd.edu/data/amazon/"
 AMAZON_ALIASES = {"electronics": "Electronics", "pantry": "Prime_Pantry"}
 GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 PAD_RELEASE_URL = ("https://raw.githubusercontent.com/Applied-Machine-Learning-Lab/PAD/"
@@ -116,7 +131,8 @@ def parse_args(argv=None):
     # Electronics and Prime Pantry (Sec. 4.1.1) must be downloaded and named with --data.
     p.add_argument("--data", default="ml-100k",
                    help="dataset: ml-100k (offline default), mind, electronics, pantry (the PAD authors' "
-                        "release or the Amazon 2018 files), any Amazon 2018 category name, or recbole:PATH; "
+                        "release or the Amazon 2018 files), any Amazon category name (2018 or 2014 files, "
+                        "e.g. Beauty), or recbole:PATH; "
                         "paper: mind, electronics, pantry (Sec. 4.1.1)")
     p.add_argument("--raw-dir", default=None,
                    help="folder with the raw files; default: RecBole's packaged copy for ml-100k, "
@@ -186,11 +202,14 @@ def malformed(path, line_no, why, line):
 
 
 @contextlib.contextmanager
-def open_text(path, encoding="utf-8"):
+def open_text(path, encoding="utf-8", newline=None):
     """Open a raw text file, gzipped if it ends in .gz; undecodable text or a truncated or
-    corrupt gzip stream, met anywhere while reading, becomes a one-line PrepareError."""
+    corrupt gzip stream, met anywhere while reading, becomes a one-line PrepareError.
+    newline="" leaves line endings to a csv reader (line breaks inside quoted fields)."""
+    gz = str(path).endswith(".gz")
     try:
-        with gzip.open(path, "rt", encoding=encoding) if str(path).endswith(".gz") else open(path, encoding=encoding) as f:
+        with gzip.open(path, "rt", encoding=encoding, newline=newline) if gz else \
+                open(path, encoding=encoding, newline=newline) as f:
             yield f
     except UnicodeDecodeError as e:
         raise PrepareError(f"{path}: not {encoding} text (byte {e.object[e.start:e.start + 1]!r}); "
@@ -206,54 +225,74 @@ def ml100k_text(title, year, genres, mode):
     return f"{title} ({year}); {', '.join(genres)}" if year.isdigit() else f"{title}; {', '.join(genres)}"
 
 
+def atomic_records(path):
+    """Read a RecBole atomic file as RecBole does: a CSV reader, tab-delimited, that honours double
+    quotes, so a quoted field may hold a tab or a line break (three titles of RecBole's
+    Amazon_Beauty.item do). Yields the header's field names (without ':type') first, then
+    (line, parts) for each record, line being the physical line where the record starts.
+    A record with another number of fields than the header is a one-line error."""
+    with open_text(path, newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quotechar='"')
+        start = 1
+        try:
+            fields = [h.split(":")[0] for h in next(reader, [])]
+            yield fields
+            start = reader.line_num + 1
+            for parts in reader:
+                if len(parts) != len(fields):
+                    # a quote opened and never closed swallows the lines after it: say so
+                    span = f"; its quoted field runs on to line {reader.line_num}" if reader.line_num > start else ""
+                    raise malformed(path, start, f"{len(parts)} fields, header has {len(fields)}{span}",
+                                    "\t".join(parts))
+                yield start, parts
+                start = reader.line_num + 1
+        except csv.Error as e:  # e.g. a field over csv's size limit: an unmatched double quote
+            raise PrepareError(f"{path}:{start}: malformed row ({e}; is a double quote left open?)") from None
+
+
 def read_recbole(folder, name, text_mode):
-    """RecBole atomic files: NAME.inter (user_id, item_id, timestamp, [rating]) and NAME.item."""
+    """RecBole atomic files: NAME.inter (user_id, item_id, timestamp, [rating]) and NAME.item.
+    Titles are HTML-unescaped (RecBole's Amazon files hold `&amp;`)."""
     layout = f"{name}.inter and {name}.item (tab-separated, header 'field:type')"
     url = "RecBole's dataset collection, https://github.com/RUCAIBox/RecSysDatasets"
     inter = require(Path(folder) / f"{name}.inter", f"RecBole atomic dataset {name}", url, layout)
     item = require(Path(folder) / f"{name}.item", f"RecBole atomic dataset {name}", url, layout)
     rows = {"user": [], "item": [], "time": [], "rating": []}
-    with open_text(inter) as f:
-        fields = [h.split(":")[0] for h in f.readline().rstrip("\n").split("\t")]
-        need = ["user_id", "item_id", "timestamp"]
-        if any(k not in fields for k in need):
-            raise PrepareError(f"{inter}: header needs fields {need}, found {fields}")
-        iu, ii, it = (fields.index(k) for k in need)
-        ir = fields.index("rating") if "rating" in fields else None
-        for line_no, line in enumerate(f, 2):
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) != len(fields):
-                raise malformed(inter, line_no, f"{len(parts)} fields, header has {len(fields)}", line)
-            try:
-                t = float(parts[it])
-                r = float(parts[ir]) if ir is not None else None
-            except ValueError:
-                raise malformed(inter, line_no, "timestamp and rating must be numbers", line) from None
-            rows["user"].append(parts[iu])
-            rows["item"].append(parts[ii])
-            rows["time"].append(t)
-            rows["rating"].append(r)
+    records = atomic_records(inter)
+    fields = next(records)
+    need = ["user_id", "item_id", "timestamp"]
+    if any(k not in fields for k in need):
+        raise PrepareError(f"{inter}: header needs fields {need}, found {fields}")
+    iu, ii, it = (fields.index(k) for k in need)
+    ir = fields.index("rating") if "rating" in fields else None
+    for line_no, parts in records:
+        try:
+            t = float(parts[it])
+            r = float(parts[ir]) if ir is not None else None
+        except ValueError:
+            raise malformed(inter, line_no, "timestamp and rating must be numbers", "\t".join(parts)) from None
+        rows["user"].append(parts[iu])
+        rows["item"].append(parts[ii])
+        rows["time"].append(t)
+        rows["rating"].append(r)
     if ir is None:
         rows["rating"] = None
     texts = {}
-    with open_text(item) as f:
-        fields = [h.split(":")[0] for h in f.readline().rstrip("\n").split("\t")]
-        text_fields = [k for k in fields if "title" in k] or [k for k in fields if k == "name"]
-        if "item_id" not in fields or not text_fields:
-            raise PrepareError(f"{item}: header needs item_id and a title-like field, found {fields}")
-        ii, itx = fields.index("item_id"), fields.index(text_fields[0])
-        year_genre = None
-        if text_mode == "title+year+genres":
-            genre = [k for k in ("class", "genre") if k in fields]
-            if "release_year" not in fields or not genre:
-                raise PrepareError(f"{item}: --text title+year+genres needs release_year and class/genre, found {fields}")
-            year_genre = fields.index("release_year"), fields.index(genre[0])
-        for line_no, line in enumerate(f, 2):
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) != len(fields):
-                raise malformed(item, line_no, f"{len(parts)} fields, header has {len(fields)}", line)
-            year, genres = (parts[year_genre[0]], parts[year_genre[1]].split()) if year_genre else ("", [])
-            texts[parts[ii]] = ml100k_text(parts[itx].strip(), year, genres, text_mode)
+    records = atomic_records(item)
+    fields = next(records)
+    text_fields = [k for k in fields if "title" in k] or [k for k in fields if k == "name"]
+    if "item_id" not in fields or not text_fields:
+        raise PrepareError(f"{item}: header needs item_id and a title-like field, found {fields}")
+    ii, itx = fields.index("item_id"), fields.index(text_fields[0])
+    year_genre = None
+    if text_mode == "title+year+genres":
+        genre = [k for k in ("class", "genre") if k in fields]
+        if "release_year" not in fields or not genre:
+            raise PrepareError(f"{item}: --text title+year+genres needs release_year and class/genre, found {fields}")
+        year_genre = fields.index("release_year"), fields.index(genre[0])
+    for _, parts in records:
+        year, genres = (parts[year_genre[0]], parts[year_genre[1]].split()) if year_genre else ("", [])
+        texts[parts[ii]] = ml100k_text(html.unescape(parts[itx]).strip(), year, genres, text_mode)
     return rows, texts, [str(inter), str(item)]
 
 
@@ -338,25 +377,56 @@ def read_mind(raw_dir):
     return rows, texts, files
 
 
+def amazon_source(raw_dir, category):
+    """The interaction file of an Amazon category in raw_dir and its release, 2014 or 2018.
+    Both releases name their metadata meta_<Category>.json.gz, in two formats (2014: Python
+    literals, 2018: JSON), so a folder with interaction files of both years is refused, and so
+    are both 2014 files: they are different data (5-core reviews, every rating)."""
+    v2018 = [f"{category}.csv", f"{category}.json.gz", f"{category}_5.json.gz"]  # first found wins
+    v2014 = [f"reviews_{category}_5.json.gz", f"ratings_{category}.csv"]
+    found2018 = [n for n in v2018 if (raw_dir / n).is_file()]
+    found2014 = [n for n in v2014 if (raw_dir / n).is_file()]
+    if found2014 and found2018:
+        raise PrepareError(f"{raw_dir} holds Amazon 2014 ({', '.join(found2014)}) and 2018 ({', '.join(found2018)}) "
+                           f"files of {category}, and meta_{category}.json.gz can be one year's only: remove the "
+                           "other year's files, or give each year its own --raw-dir")
+    if len(found2014) > 1:
+        raise PrepareError(f"{raw_dir} holds both Amazon 2014 interaction files of {category} "
+                           f"({' and '.join(found2014)}): the 5-core reviews and every rating are different "
+                           "data: remove the one you do not mean")
+    if found2014:
+        return raw_dir / found2014[0], 2014
+    if found2018:
+        return raw_dir / found2018[0], 2018
+    layout = (f"{v2018[0]} (ratings only) or {v2018[1]} / {v2018[2]} (reviews), and meta_{category}.json.gz "
+              f"(Amazon 2018); or {v2014[0]} or {v2014[1]}, and meta_{category}.json.gz (Amazon 2014, "
+              f"from {AMAZON_2014_URL})")
+    require(raw_dir / v2018[0], f"the {category} ratings", AMAZON_URL, layout)  # raises: it is not there
+
+
 def read_amazon(raw_dir, category):
-    """Amazon 2018: <Category>.csv (item,user,rating,timestamp) or reviews JSON lines, plus meta."""
+    """Amazon 2018 or 2014 (amazon_source picks): ratings CSV or reviews JSON lines, plus metadata.
+    2018: <Category>.csv (item,user,rating,timestamp), <Category>[_5].json.gz, meta in JSON.
+    2014: ratings_<Category>.csv (user,item,rating,timestamp), reviews_<Category>_5.json.gz (JSON),
+    meta as Python literals (single-quoted dicts: ast.literal_eval, not json). Titles are
+    HTML-unescaped (`&amp;` -> `&`)."""
     raw_dir = Path(raw_dir)
-    layout = f"{category}.csv (ratings only) or {category}.json.gz / {category}_5.json.gz (reviews), " \
-             f"and meta_{category}.json.gz"
-    candidates = [raw_dir / f"{category}.csv", raw_dir / f"{category}.json.gz", raw_dir / f"{category}_5.json.gz"]
-    found = [c for c in candidates if c.is_file()]
-    source = found[0] if found else require(candidates[0], f"the {category} ratings", AMAZON_URL, layout)
-    meta = require(raw_dir / f"meta_{category}.json.gz", f"the {category} metadata", AMAZON_URL, layout)
+    source, year = amazon_source(raw_dir, category)
+    url = AMAZON_2014_URL if year == 2014 else AMAZON_URL
+    meta = require(raw_dir / f"meta_{category}.json.gz", f"the {category} metadata ({year})", url,
+                   f"{source.name} and meta_{category}.json.gz")
     rows = {"user": [], "item": [], "time": [], "rating": []}
     with open_text(source) as f:
         if source.suffix == ".csv":
+            columns = "user,item,rating,timestamp" if year == 2014 else "item,user,rating,timestamp"
             for line_no, parts in enumerate(csv.reader(f), 1):
                 try:
-                    item, user, rating, t = parts
+                    first, second, rating, t = parts
                     rows["rating"].append(float(rating))
                     rows["time"].append(float(t))
                 except ValueError:
-                    raise malformed(source, line_no, "expected item,user,rating,timestamp", ",".join(parts)) from None
+                    raise malformed(source, line_no, f"expected {columns}", ",".join(parts)) from None
+                user, item = (first, second) if year == 2014 else (second, first)
                 rows["user"].append(user)
                 rows["item"].append(item)
         else:
@@ -370,14 +440,19 @@ def read_amazon(raw_dir, category):
                 except (ValueError, KeyError, TypeError):
                     raise malformed(source, line_no, "expected JSON with reviewerID, asin, overall, "
                                     "unixReviewTime", line) from None
+    if year == 2014:
+        parse, why = ast.literal_eval, "expected a Python dict literal with asin and title (2014 format)"
+    else:  # a 2014 meta file beside 2018 interactions fails here: say which year is expected
+        parse, why = json.loads, ("expected JSON with asin and title (2018 format; Python-literal meta is "
+                                  "2014's and needs reviews_ or ratings_ files)")
     texts = {}
     with open_text(meta) as f:
         for line_no, line in enumerate(f, 1):
             try:
-                m = json.loads(line)
-                asin, title = str(m["asin"]), str(m.get("title") or "").strip()
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise malformed(meta, line_no, "expected JSON with asin and title", line) from None
+                m = parse(line)
+                asin, title = str(m["asin"]), html.unescape(str(m.get("title") or "")).strip()
+            except (ValueError, KeyError, TypeError, AttributeError, SyntaxError, MemoryError, RecursionError):
+                raise malformed(meta, line_no, why, line) from None
             if title and not texts.get(asin):  # the 2018 metadata repeats some asins
                 texts[asin] = title
     return rows, texts, [str(source), str(meta)]

@@ -1,7 +1,7 @@
 """Tests for prepare_data.py: Appendix A's protocol on every raw format, the encoders, the errors.
 
-Raw fixtures are written here in each format (GroupLens, RecBole atomic, Amazon ratings and
-reviews + meta, MIND) and run through the real script with subprocess; the prepared sequences are
+Raw fixtures are written here in each format (GroupLens, RecBole atomic, Amazon 2018 and 2014
+ratings and reviews + meta, MIND) and run through the real script with subprocess; the prepared sequences are
 compared with a plain-loop reference of the protocol. Fast encoders keep the file quick: MiniLM
 (the default) on a small fixture, and a tiny random BERT / Llama saved to a temporary folder for
 the `bert` and `llm2vec` paths.
@@ -151,6 +151,42 @@ def write_amazon(folder, rows, fmt, category="Prime_Pantry"):
     with gzip.open(folder / f"meta_{category}.json.gz", "wt") as f:
         f.writelines(json.dumps(m) + "\n" for m in meta)
     return folder
+
+
+AMP_TITLE = "Cookies &amp; Cream: Grandma's Recipe"  # repr() double-quotes it, the dict stays single-quoted
+
+
+def write_amazon_2014(folder, rows, fmt, category="Beauty"):
+    """Amazon 2014: reviews_<C>_5.json.gz (JSON lines) or ratings_<C>.csv (user,item,rating,timestamp),
+    and meta_<C>.json.gz in Python literals, as the release writes them: B005 has no title, B006 an
+    empty one, B003's holds an HTML entity."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if fmt == "ratings":
+        with open(folder / f"ratings_{category}.csv", "w") as f:
+            f.writelines(f"{u},{i},{r:.1f},{t}\n" for u, i, r, t in rows)
+    else:
+        with gzip.open(folder / f"reviews_{category}_5.json.gz", "wt") as f:
+            f.writelines(json.dumps({"reviewerID": u, "asin": i, "helpful": [0, 0], "reviewText": "fine",
+                                     "overall": float(r), "unixReviewTime": t}) + "\n" for u, i, r, t in rows)
+    meta = []
+    for k in range(1, N_RAW_ITEMS + 1):
+        m = {"asin": f"B{k:03d}", "salesRank": {category: 100 * k}, "categories": [[category, "Makeup"]]}
+        if k != 5:
+            m["title"] = AMP_TITLE if k == 3 else "" if k == 6 else title_of(str(k))
+        meta.append(m)
+    with gzip.open(folder / f"meta_{category}.json.gz", "wt") as f:
+        f.writelines(repr(m) + "\n" for m in meta)  # {'asin': 'B001', ...}: not JSON
+    return folder
+
+
+def replace_line(path, line_no, text):
+    """Put text at line line_no (1-based) of a plain or gzipped text file."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        lines = f.read().splitlines()
+    lines[line_no - 1] = text
+    with opener(path, "wt") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def write_mind(raw):
@@ -329,6 +365,87 @@ def test_amazon_ratings_and_reviews(tmp_path, tiny_bert, fmt):
     assert data["name"] == "pantry" and data["titles"][data["raw_ids"].index("B007")] == title_of("7")
 
 
+def test_amazon_2014_reviews_and_ratings(tmp_path, tiny_bert):
+    """Amazon 2014 through the script: the 5-core reviews file and the ratings CSV give one dataset;
+    the meta's Python literals are read (not JSON), `&amp;` decoded, untitled items dropped."""
+    rows = amazon_rows()
+    got = {}
+    for fmt in ["reviews", "ratings"]:
+        out = tmp_path / fmt
+        raw = write_amazon_2014(tmp_path / f"raw_{fmt}", rows, fmt)
+        run_prepare("--data", "Beauty", "--raw-dir", raw, "--encoder", "bert", "--bert-model", tiny_bert, "--out", out)
+        got[fmt] = dataset.load_dataset(out)
+    with gzip.open(raw / "meta_Beauty.json.gz", "rt") as f:
+        line = f.readlines()[2]  # B003's
+    assert "&amp;" in line
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(line)  # a Python literal, not JSON
+    data = got["reviews"]
+    check_invariants(data)
+    titled = {f"B{k:03d}" for k in range(1, N_RAW_ITEMS + 1)} - {"B005", "B006"}
+    assert decoded(data) == reference([r for r in rows if r[2] > 3 and r[1] in titled])
+    assert data["stats"]["dropped_rating"] == sum(r[2] <= 3 for r in rows)
+    assert data["stats"]["dropped_no_title"] == sum(r[2] > 3 and r[1] not in titled for r in rows) > 0
+    assert data["stats"]["source_files"] == ["reviews_Beauty_5.json.gz", "meta_Beauty.json.gz"]
+    assert data["name"] == "Beauty"
+    assert data["titles"][data["raw_ids"].index("B003")] == "Cookies & Cream: Grandma's Recipe"  # &amp; decoded
+    other = got["ratings"]
+    assert other["stats"]["source_files"][0] == "ratings_Beauty.csv"
+    assert torch.equal(other["seqs"], data["seqs"]) and torch.equal(other["text_emb"], data["text_emb"])
+    for key in ["raw_ids", "titles", "fingerprint"]:
+        assert other[key] == data[key]
+
+
+def test_amazon_2018_meta_titles_are_unescaped(tmp_path):
+    raw = write_amazon(tmp_path, amazon_rows(), "csv")
+    replace_line(raw / "meta_Prime_Pantry.json.gz", 4, json.dumps({"asin": "B003", "title": AMP_TITLE}))
+    texts = prepare_data.read_raw(prepare_data.parse_args(["--data", "pantry", "--raw-dir", str(raw)]))[2]
+    assert texts["B003"] == "Cookies & Cream: Grandma's Recipe"
+
+
+def write_quoted_item(folder, lines):
+    """A RecBole .item file (header + lines, joined by newlines), as RecBole's Amazon_Beauty.item
+    writes a title holding a tab or a line break: the field in double quotes."""
+    (folder / f"{folder.name}.item").write_text(
+        "item_id:token\ttitle:token\tcategories:token_seq\n" + "\n".join(lines) + "\n", encoding="utf-8")
+
+
+# Lines 2-6 of a made .item file, quoted as RecBole's Amazon_Beauty.item quotes: item 2's title
+# holds a line break (lines 3-4) and its categories a doubled quote; item 3's title holds a tab.
+QUOTED_ITEMS = [
+    "1\tStar Wars: A New Hope\t'Movies', 'Space'",
+    '2\t"Star Wars:\nThe Empire Strikes Back"\t"\'Movies\', ""Director\'s Cut"""',
+    '3\t"Chocolate Chip\tCookie Recipe"\t\'Food\'',
+    "4\tAm&eacute;lie &amp; Friends\t'Movies'",
+]
+
+
+def test_recbole_quoted_titles_read_whole(tmp_path):
+    """RecBole reads atomic files with a CSV reader that honours double quotes (delimiter tab):
+    a quoted title holding a tab or a line break is one field, and the records after it stay in step."""
+    raw = write_recbole(tmp_path / "toy", make_rows())
+    write_quoted_item(raw, QUOTED_ITEMS + [f"{k}\t{title_of(str(k))}\t'Movies'" for k in range(5, N_RAW_ITEMS + 1)])
+    rows, texts = prepare_data.read_raw(prepare_data.parse_args(["--data", f"recbole:{raw}"]))[1:3]
+    want = {str(k): title_of(str(k)) for k in range(1, N_RAW_ITEMS + 1)}
+    want.update({"2": "Star Wars:\nThe Empire Strikes Back",  # a line break inside quotes
+                 "3": "Chocolate Chip\tCookie Recipe",  # a tab inside quotes
+                 "4": "Amélie & Friends"})  # HTML entities decoded
+    assert texts == want  # and every record after them read in step
+    assert len(rows["user"]) == len(make_rows())
+
+
+@pytest.mark.parametrize("bad,why", [
+    ("5\tonly two fields", "2 fields, header has 3"),
+    ('5\t"a quote never closed\t\'Movies\'', "2 fields, header has 3; its quoted field runs on to line 9"),
+], ids=["two_fields", "open_quote"])
+def test_malformed_recbole_row_after_multiline_record(tmp_path, bad, why):
+    """The error names the physical line where the bad record starts (7), not its record number (6)."""
+    raw = write_recbole(tmp_path / "toy", make_rows())
+    write_quoted_item(raw, QUOTED_ITEMS + [bad, "6\tHeat\t'Movies'", "7\tCasino\t'Movies'"])
+    err = prepare_error(["--data", f"recbole:{raw}"])
+    assert f"{raw / 'toy.item'}:7: malformed row ({why})" in err
+
+
 def test_mind_history_then_clicks(tmp_path, tiny_bert):
     out = tmp_path / "out"
     run_prepare("--data", "mind", "--raw-dir", write_mind(tmp_path / "raw"), "--encoder", "bert",
@@ -441,11 +558,34 @@ def prepare_error(argv):
 def test_malformed_amazon_rows(tmp_path, fmt):
     raw = write_amazon(tmp_path, amazon_rows(), fmt)
     path = raw / ("Prime_Pantry.csv" if fmt == "csv" else "Prime_Pantry.json.gz")
-    lines = (path.read_text() if fmt == "csv" else gzip.open(path, "rt").read()).splitlines()
-    lines[3] = "B001,A1,good,1000" if fmt == "csv" else '{"asin": "B001"}'
-    with (open(path, "w") if fmt == "csv" else gzip.open(path, "wt")) as f:
-        f.write("\n".join(lines) + "\n")
+    replace_line(path, 4, "B001,A1,good,1000" if fmt == "csv" else '{"asin": "B001"}')
     assert f"{path}:4: malformed row" in prepare_error(["--data", "pantry", "--raw-dir", str(raw)])
+
+
+@pytest.mark.parametrize("fmt,name,bad", [
+    ("reviews", "reviews_Beauty_5.json.gz", '{"asin": "B001", "overall": 5.0}'),  # no reviewerID
+    ("ratings", "ratings_Beauty.csv", "A1,B001,good,1000"),
+    ("reviews", "meta_Beauty.json.gz", "{'asin': 'B004', 'title': 'a quote never closed}"),
+], ids=["reviews", "ratings", "meta"])
+def test_malformed_amazon_2014_rows(tmp_path, fmt, name, bad):
+    raw = write_amazon_2014(tmp_path, amazon_rows(), fmt)
+    replace_line(raw / name, 4, bad)
+    assert f"{raw / name}:4: malformed row" in prepare_error(["--data", "Beauty", "--raw-dir", str(raw)])
+
+
+def test_amazon_folder_with_two_sources_is_refused(tmp_path):
+    """The two years share meta_<C>.json.gz, and 2014's two files are different data: refuse, naming them."""
+    err = prepare_error(["--data", "Beauty", "--raw-dir", str(tmp_path)])
+    assert "Beauty.csv" in err and "reviews_Beauty_5.json.gz" in err and prepare_data.AMAZON_2014_URL in err
+    raw = write_amazon_2014(tmp_path, amazon_rows(), "reviews")
+    write_amazon_2014(tmp_path, amazon_rows(), "ratings")
+    err = prepare_error(["--data", "Beauty", "--raw-dir", str(raw)])
+    assert "reviews_Beauty_5.json.gz and ratings_Beauty.csv" in err and "remove the one" in err
+    (raw / "ratings_Beauty.csv").unlink()
+    write_amazon(raw, amazon_rows(), "csv", category="Beauty")
+    err = prepare_error(["--data", "Beauty", "--raw-dir", str(raw)])
+    assert "2014 (reviews_Beauty_5.json.gz) and 2018 (Beauty.csv)" in err and "remove the other year's" in err
+    assert "\n" not in err
 
 
 @pytest.mark.parametrize("split,line,bad", [
