@@ -12,6 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from conftest import SHARED, require_shared  # noqa: E402
 from dataset import fingerprint, frequency_buckets, item_frequency, load_dataset  # noqa: E402
 from synthetic import PRESETS, make_dataset  # noqa: E402
 
@@ -50,11 +51,11 @@ def test_synthetic_dataset_follows_the_format_and_protocol(tiny):
     assert freq[:20].sum() > 0.3 * freq.sum()  # long tail: the top 10% of items hold > 30% of interactions
 
 
-PAPER = ROOT.parent / "shared" / "paper" / "PAD.md"
+PAPER = SHARED / "paper" / "PAD.md"
 
 
-@pytest.mark.skipif(not PAPER.is_file(), reason=f"{PAPER} not found: the paper sits in ../shared beside the repository")
 def test_presets_are_the_papers_table_1():
+    require_shared(PAPER, what="put the paper's markdown there")
     rows = {}
     for line in PAPER.read_text().splitlines():  # Table 1: "Dataset<TAB>Users<TAB>Items<TAB>Interactions"
         cells = line.split("\t")

@@ -1,11 +1,13 @@
 """Multi-process training with PyTorch DDP, as a user launches it on several GPUs, here on
 CPU with the gloo backend: each phase script under `torchrun --nproc_per_node 2` finishes,
 rank 0 alone writes one checkpoint, and both ranks end with the same weights (their
-checksums are printed). The user shards are checked to partition every epoch's users."""
+checksums are printed, each rank to its own log file). The user shards are checked to partition
+every epoch's users."""
 import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,10 @@ from dataset import atomic_save  # noqa: E402
 from trainer import shard  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# without PYTHONUNBUFFERED: under it a print(..., flush=True) is two writes (text, then newline),
+# between which another process writing to the same stream could slip its line
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+ENV |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TRAIN = ["--epochs", "2", "--quiet", "--batch-size", "8", "--eval-batch-size", "16"]
 
 
@@ -33,14 +38,30 @@ def test_shards_cover_every_user_with_equal_steps(users, world):
 
 
 def torchrun(script, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *map(str, args)]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"{script} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    sums = re.findall(r"rank (\d) of 2: trained weights checksum (\S+)", r.stdout)
-    assert sorted(rank for rank, _ in sums) == ["0", "1"], r.stdout[-3000:]
-    assert sums[0][1] == sums[1][1], sums  # DDP kept the two ranks' weights equal
-    assert len(re.findall(r"^epoch\s+\d", r.stdout, re.M)) == 2  # rank 0 alone prints the log
-    return r
+    """Two ranks that print at once on one console can merge their lines, so each rank's stdout and
+    stderr go to their own files (--redirects 3), read here: {rank: its stdout}."""
+    with tempfile.TemporaryDirectory() as logs:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "--log-dir", logs, "--redirects", "3", script, *map(str, args)]
+        p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _, err = p.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            p.terminate()  # SIGTERM: torchrun stops its workers (in sessions of their own: a SIGKILL would orphan them)
+            p.communicate(timeout=60)
+            raise
+        files = sorted(Path(logs).glob("*/attempt_*/*/std*.log"))  # LOGS/RUN-ID/attempt_0/RANK/stdout.log, stderr.log
+        text = {(int(f.parent.name), f.stem): f.read_text() for f in files}
+    assert p.returncode == 0, f"{script} failed:\n{err[-3000:]}" + "".join(f"\n--- rank {rank} {stream}:\n{t[-3000:]}"
+                                                                      for (rank, stream), t in text.items())
+    assert len(files) == 4, files  # one attempt, two ranks, two streams
+    out = {rank: text[rank, "stdout"] for rank in (0, 1)}
+    sums = {rank: re.findall(rf"^rank {rank} of 2: trained weights checksum (\S+)$", out[rank], re.M) for rank in out}
+    assert all(len(s) == 1 for s in sums.values()), out
+    assert sums[0] == sums[1], sums  # DDP kept the two ranks' weights equal
+    epochs = {rank: len(re.findall(r"^epoch\s+\d", out[rank], re.M)) for rank in out}
+    assert epochs == {0: 2, 1: 0}, out  # rank 0 alone prints the log
+    return out
 
 
 def test_every_phase_under_torchrun_with_two_processes(tmp_path):

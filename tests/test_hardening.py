@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -162,13 +163,22 @@ def killed(work, data, full):
         outs[script] = out = work / "killed" / f"{script}.pt"
         p = subprocess.Popen([sys.executable, "-c", CHILD, "half-save", "2", script, *flags(script, data, work),
                               "--out", out], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # reading the pipe has no timeout of its own: a child that hangs before "half written" is
+        # killed by the watchdog, and the test fails on the missing line instead of hanging
+        watchdog = threading.Timer(300, p.kill)
+        watchdog.start()
         seen = []
-        for line in p.stdout:
-            seen.append(line)
-            if line.startswith("half written"):
-                os.kill(p.pid, signal.SIGKILL)
-                break
+        try:
+            for line in p.stdout:
+                seen.append(line)
+                if "half written" in line:  # stderr shares the pipe: the line need not start with it
+                    os.kill(p.pid, signal.SIGKILL)
+                    break
+        finally:
+            watchdog.cancel()
+        assert seen and "half written" in seen[-1], "".join(seen)[-3000:]  # not the watchdog's kill
         assert p.wait(timeout=60) == -signal.SIGKILL, "".join(seen)[-3000:]
+        p.stdout.close()
     return outs
 
 
@@ -324,7 +334,10 @@ def interaction_logs(draw):
     return draw(st.permutations(log))
 
 
-@settings(max_examples=40, deadline=None)
+# derandomize: the same 40 logs on every run, so a failure reproduces and no run fails by the draw;
+# database=None: no .hypothesis/ folder replays an earlier run's failures; deadline=None: the time an
+# example takes on a busy CPU is not a property of the protocol
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
 @given(log=interaction_logs(), n_buckets=st.integers(1, 10))
 def test_protocol_properties_on_random_logs(log, n_buckets):
     user, users = prepare_data.factorize([str(u) for u, _, _ in log])

@@ -1,10 +1,11 @@
 """Tests for `prepare_data.py --data pantry` on the PAD authors' processed Prime Pantry release.
 
 The release's three files are read from ../shared/data/pad-pantry beside the repository (skipped
-when absent). The real script runs on them once (MiniLM on 8,347 titles, one thread: about 60 s);
-its output is checked against Table 1 and against the release itself, parsed here independently
-with csv + ast: the histories item by item and Prime_Pantry_fre.csv item by item. The download
-is served from a local HTTP server. Bad input uses tiny release files written here.
+with the reason when absent, a failure under CI=true). The real script runs on them once (MiniLM
+on 8,347 titles, one thread: about 60 s); its output is checked against Table 1 and against the
+release itself, parsed here independently with csv + ast: the histories item by item and
+Prime_Pantry_fre.csv item by item. The download is served from a local HTTP server, reached
+without any proxy of the environment. Bad input uses tiny release files written here.
 """
 import ast
 import contextlib
@@ -24,10 +25,11 @@ import torch
 
 import dataset
 import prepare_data
+from conftest import SHARED as SHARED_ROOT, require_shared
 from prepare_data import PrepareError
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "pad-pantry"
+SHARED = SHARED_ROOT / "data" / "pad-pantry"
 HISTORY, META, FRE = "Prime_Pantry_cleaned_history.csv", "metadata_Prime_Pantry.csv", "Prime_Pantry_fre.csv"
 # One intra-op thread: MiniLM on 8,347 titles takes ~55 s with it, ~30 s with two idle cores, but
 # ~210 s with two threads when another process holds one of the two cores.
@@ -37,10 +39,18 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENI
 
 @pytest.fixture(scope="module")
 def shared():
-    if not all((SHARED / f).is_file() for f in (HISTORY, META, FRE)):
-        pytest.skip(f"the PAD release is not at {SHARED} (copy its three files there, or run "
-                    "prepare_data.py --data pantry --download --raw-dir that folder)")
+    require_shared(*(SHARED / f for f in (HISTORY, META, FRE)),
+                   what="copy the PAD release's three files there, or run prepare_data.py --data pantry --download "
+                        "--raw-dir ../shared/data/pad-pantry")
     return SHARED
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    """The local server is reached directly: with http_proxy set and no no_proxy, urllib would send even
+    127.0.0.1 to the proxy. urllib reads no_proxy at each request (the proxies only once, when its opener is
+    built), and the lower-case name wins over NO_PROXY."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
 
 
 def read_csv(path):
@@ -141,7 +151,7 @@ def serve(folder):
         thread.join(timeout=10)
 
 
-def test_download_fetches_the_release_and_checks_it(shared, tmp_path):
+def test_download_fetches_the_release_and_checks_it(shared, tmp_path, no_proxy):
     raw = tmp_path / "raw"
     with serve(shared) as (url, requested):
         prepare_data.download_pad_release(raw, url)
@@ -153,7 +163,7 @@ def test_download_fetches_the_release_and_checks_it(shared, tmp_path):
         assert (raw / name).read_bytes() == (shared / name).read_bytes()
 
 
-def test_download_refuses_a_checksum_mismatch(shared, tmp_path):
+def test_download_refuses_a_checksum_mismatch(shared, tmp_path, no_proxy):
     served = tmp_path / "served"
     shutil.copytree(shared, served)
     with open(served / META, "a", encoding="utf-8") as f:
@@ -243,7 +253,7 @@ def test_folder_with_neither_or_both_formats(tmp_path):
     assert "has no ratings" in prepare_error(write_tiny_release(tmp_path / "r"), "--rating-above", "3")
 
 
-def test_download_is_for_pantry_only_and_names_an_unreachable_url(tmp_path):
+def test_download_is_for_pantry_only_and_names_an_unreachable_url(tmp_path, no_proxy):
     with pytest.raises(PrepareError, match="--download fetches the PAD authors' Prime Pantry release only"):
         prepare_data.prepare(prepare_data.parse_args(["--data", "mind", "--download"]))
     (tmp_path / "empty").mkdir()
