@@ -79,16 +79,19 @@ def summarise(hit, ndcg, bucket, n_buckets, k):
 
 
 @torch.no_grad()
-def evaluate(model, data, split="test", k=10, batch_size=512, keep_repeats=False):
-    """Rank every item for every user of `split` in user chunks of batch_size, so memory
-    is O(batch_size x N), never users x items; the item tables are computed once per call.
-    Scores are float32 even on a GPU (bf16 scores would tie). Returns summarise()'s dict."""
+def user_ranks(model, data, split="test", batch_size=512, keep_repeats=False, users=None):
+    """0-based rank of every user's `split` target (target_ranks), (U,) in the order of
+    data["seqs"], or of the rows `users` (an index tensor) only. Users are ranked in chunks
+    of batch_size, so memory is O(batch_size x N), never users x items; the item tables are
+    computed once per call. Scores are float32 even on a GPU (bf16 scores would tie)."""
     was_training = model.training
     model.eval()
     device = next(itertools.chain(model.parameters(), model.buffers())).device
     inputs, targets = split_sequences(data["seqs"], split)
     history = history_before_target(data["seqs"], split)
-    tables = model.item_tables()  # once per evaluation, not once per chunk of users
+    if users is not None:
+        inputs, targets, history = inputs[users], targets[users], history[users]
+    tables = model.item_tables()  # once per call, not once per chunk of users
     ranks = []
     for i in range(0, len(inputs), batch_size):
         seq = inputs[i:i + batch_size].to(device, non_blocking=True)
@@ -96,8 +99,20 @@ def evaluate(model, data, split="test", k=10, batch_size=512, keep_repeats=False
         ranks.append(target_ranks(scores, targets[i:i + batch_size].to(device), history[i:i + batch_size].to(device),
                                   keep_repeats).cpu())
     model.train(was_training)
-    hit, ndcg = hr_ndcg(torch.cat(ranks), k)
+    return torch.cat(ranks)
+
+
+def summarise_ranks(ranks, data, split="test", k=10, users=None):
+    """summarise() of user_ranks' output: HR@k / nDCG@k overall, per bucket and per group."""
+    _, targets = split_sequences(data["seqs"], split)
+    targets = targets if users is None else targets[users]
+    hit, ndcg = hr_ndcg(ranks, k)
     return summarise(hit, ndcg, data["item_bucket"][targets], data["n_buckets"], k)
+
+
+def evaluate(model, data, split="test", k=10, batch_size=512, keep_repeats=False):
+    """Full ranking of every user's `split` target (user_ranks) -> summarise()'s dict."""
+    return summarise_ranks(user_ranks(model, data, split, batch_size, keep_repeats), data, split, k)
 
 
 def protocol(data, k, keep_repeats=False):

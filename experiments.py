@@ -48,12 +48,22 @@ from tqdm import tqdm
 
 from analysis import embedding_kendall_tau, embedding_table
 from dataset import DEFAULT_ALIGN, GATE_FITS, GROUPS, align_tag, atomic_write_text, bucket_groups, load_dataset, run_path
-from evaluate import mean_std, metric_row, summary_table
+from evaluate import hr_ndcg, mean_std, metric_row, summary_table
 from models import model_from_checkpoint, read_checkpoint
 from trainer import AUTHORS_INFONCE_WEIGHT, PRESETS
 
-EXPERIMENTS = ("table2", "table3", "fig2", "fig3", "fig4", "fig5", "fig6", "deviations")
+EXPERIMENTS = ("table2", "table3", "fig2", "fig3", "fig4", "fig5", "fig6", "deviations", "verdict", "screen")
 TEXT_FIX = {"text_norm": "standard", "text_layers": 0}  # the text-path screen's f_MLP (results/README.md)
+# the text-path recipe (beyond the paper): CE, the standardised one-layer f_MLP, the LLM expert
+# from the CE MoRec, the experts as phases 1-2 left them and the gate fit on validation
+RECIPE = {"loss": "ce", "text": TEXT_FIX, "llm_init": True, "gate_fit": "valid-only"}
+RECIPE_LABEL = "PAD (CE, std f_MLP, LLM from MoRec, experts not fine-tuned, gate fit on valid)"
+# verdict: the controls that reuse the recipe's expert runs and fit their gate on validation
+# alike, and what each difference to the recipe measures
+CONTROLS = {"stack: SASRec (CE) + MoRec (CE, std f_MLP), gate fit on valid": "what PAD adds over the plain stack",
+            "stack + text-kNN expert, gate fit on valid": "what PAD adds over the stack with the text floor",
+            "recipe with γ = 0 (SMEM's alignment expert)": "what the alignment (MK-MMD) adds",
+            "recipe with one weight per expert (--gate none)": "what the frequency-aware gate adds"}
 
 
 def authors_flags(keys, scripts=("pretrain", "align", "finetune")):
@@ -207,10 +217,22 @@ def groups(exp, plan, seeds):
                                                                                        llm_init=True)),
               "PAD (CE, std f_MLP, LLM from MoRec, gate fit on valid)": per_seed(
                   lambda s: plan.finetune(s, loss="ce", text=TEXT_FIX, llm_init=True, gate_fit="valid")),
-              "PAD (CE, std f_MLP, LLM from MoRec, experts not fine-tuned, gate fit on valid)": per_seed(
-                  lambda s: plan.finetune(s, loss="ce", text=TEXT_FIX, llm_init=True, gate_fit="valid-only"))}
+              RECIPE_LABEL: per_seed(lambda s: plan.finetune(s, **RECIPE)),
+              "PAD (std f_MLP, LLM from MoRec)": per_seed(lambda s: plan.finetune(s, text=TEXT_FIX, llm_init=True))}
+    controls = dict(zip(CONTROLS, (per_seed(lambda s: plan.finetune(s, experts="id,llm", **RECIPE)),
+                                   per_seed(lambda s: plan.finetune(s, experts="id,llm,text", **RECIPE)),
+                                   per_seed(lambda s: plan.finetune(s, ("gaussian", "rec", 0.0), **RECIPE)),
+                                   per_seed(lambda s: plan.finetune(s, gate="none", **RECIPE)))))
+    table2.update(controls)
     if exp == "table2":
         return {"": table2}
+    if exp == "verdict":  # the baselines, the paper's PAD, the same-treatment controls and the recipe
+        return {"": {**{k: table2[k] for k in ("SASRec", "SASRec (CE)", "text-kNN", "MoRec (CE, std f_MLP)", "PAD")},
+                     **controls, RECIPE_LABEL: table2[RECIPE_LABEL]}}
+    if exp == "screen":  # the text-path screen's PAD variants, to be ranked by validation
+        return {"": {k: table2[k] for k in ("PAD", "PAD (std f_MLP)", "PAD (std f_MLP, LLM from MoRec)",
+                                            "PAD (CE, std f_MLP, LLM from MoRec)",
+                                            "PAD (CE, std f_MLP, LLM from MoRec, gate fit on valid)", RECIPE_LABEL)}}
     if exp == "deviations":
         choices = {lb: plan.variant(tag, flags, **settings) for lb, (tag, flags, settings) in AUTHORS_CHOICES.items()}
         infonce = plan.variant("authors-tau", authors_flags(["tau"], ["align"]), gamma=AUTHORS_INFONCE_WEIGHT)
@@ -315,7 +337,8 @@ def call(run, args, env):
 
 
 def rows(exp, panels):
-    """One CSV row per run: test HR@10 / nDCG@10 overall and per warm / median / cold group."""
+    """One row per run: test HR@10 / nDCG@10 overall and per warm / median / cold group, and
+    validation HR@10 / nDCG@10 (cross-fitted where the gate was fit on validation)."""
     out = []
     for panel, labels in panels.items():
         for label, runs in labels.items():
@@ -324,7 +347,9 @@ def rows(exp, panels):
                 kept = m.get("test_rules", {}).get("repeat_kept", {})  # the other rule for repeated targets
                 out.append({"experiment": exp, "panel": panel, "label": label, "seed": seed_of(r), "run": str(r.out),
                             **metric_row(m), **{f"{k} (repeats kept)": v for k, v in kept.items()},
-                            "best_epoch": m["best_epoch"]})
+                            **{f"valid {k}": m["valid"][k] for k in ("HR@10", "nDCG@10")},
+                            "best_epoch": m["best_epoch"],
+                            **({"gate_per_bucket": m["gate_per_bucket"]} if "gate_per_bucket" in m else {})})
     return out
 
 
@@ -337,6 +362,36 @@ def paired_t(a, b):
     from scipy.stats import ttest_rel
 
     return float(ttest_rel(a, b).pvalue) if len(a) > 1 else float("nan")
+
+
+def user_metric(run, metric, split="test"):
+    """Per-user HR@10 or nDCG@10 (in %) of a finished run, (U,), from the ranks in its JSON."""
+    ranks = torch.tensor(run.metrics()["ranks"][split])
+    hit, ndcg = hr_ndcg(ranks, 10)
+    return 100 * {"HR@10": hit, "nDCG@10": ndcg}[metric].double()
+
+
+def user_interval(a, b, metric="nDCG@10", split="test"):
+    """a - b over users with a paired 95% t-interval: each user's metric is averaged over the
+    seeds both labels ran (a, b: lists of Runs), then differenced user by user. Returns
+    (mean difference, low, high, users); the users' spread, not the seeds', sets the width."""
+    from scipy.stats import t as student
+
+    seeds = sorted({seed_of(r) for r in a} & {seed_of(r) for r in b})
+    pick = [{seed_of(r): r for r in runs} for runs in (a, b)]
+    d = sum(user_metric(pick[0][s], metric, split) - user_metric(pick[1][s], metric, split) for s in seeds) / len(seeds)
+    half = student.ppf(0.975, len(d) - 1) * d.std().item() / len(d) ** 0.5
+    return d.mean().item(), d.mean().item() - half, d.mean().item() + half, len(d)
+
+
+def gate_shares(rs):
+    """'id 0.61→0.30, llm 0.39→0.70': each expert's mean gate probability on the test users,
+    warmest → coldest bucket, averaged over the runs (rows with gate_per_bucket)."""
+    per = [r["gate_per_bucket"] for r in rs]
+    buckets = sorted(per[0], key=int)
+    experts = list(per[0][buckets[0]])
+    mean = {e: [sum(p[b][e] for p in per) / len(per) for b in buckets] for e in experts}
+    return ", ".join(f"{e} {v[0]:.2f}→{v[-1]:.2f}" for e, v in mean.items())
 
 
 def by_label(all_rows):
@@ -501,70 +556,249 @@ def fig3(panels, data, path, title):
 
 # --- Reports ----------------------------------------------------------------------------
 
+VALID_AND_TEST = ["valid HR@10", "valid nDCG@10", "HR@10", "nDCG@10", "warm HR@10", "cold HR@10"]
+
+
+def comparisons(runs, t, with_controls):
+    """The recipe against each same-treatment control (with_controls), and the recipe and
+    the paper's PAD against the best other row (by mean test nDCG@10: the hardest comparison),
+    each as a paired 95% interval over the test users (user_interval) and a paired t-test
+    over the seeds. runs: {label: [Run]}; t: {label: [row]}."""
+    pairs = [(RECIPE_LABEL, c, why) for c, why in CONTROLS.items() if with_controls and c in t and RECIPE_LABEL in t]
+    for ours in (RECIPE_LABEL, "PAD"):
+        if ours in t and len(t) > 1:
+            pairs.append((ours, significance(t, ours)[0], "against the best other row"))
+    out = []
+    for a, b, why in pairs:
+        c = {"a": a, "b": b, "measures": why}
+        for metric in ("HR@10", "nDCG@10"):
+            mean, low, high, users = user_interval(runs[a], runs[b], metric)
+            c[metric] = {"difference": mean, "ci95": [low, high], "users": users}
+        c["p_seeds_nDCG@10"] = significance({a: t[a], b: t[b]}, a)[1]
+        out.append(c)
+    return out
+
+
+def comparisons_md(comps):
+    if not comps:
+        return []
+    return ["\n| a − b | measures | Δ HR@10 [95% CI over users] | Δ nDCG@10 [95% CI over users] | p over seeds (nDCG@10) |",
+            "|---|---|---|---|---|",
+            *(f"| {c['a']} − {c['b']} | {c['measures']} | "
+              + " | ".join("{:+.2f} [{:+.2f}, {:+.2f}]".format(c[m]["difference"], *c[m]["ci95"]) for m in ("HR@10", "nDCG@10"))
+              + f" | {c['p_seeds_nDCG@10']:.2g} |" for c in comps),
+            f"\nIntervals: each test user's metric averaged over the seeds, then a paired t-interval over the "
+            f"{comps[0]['HR@10']['users']} users; p: paired t-test over the seeds."]
+
+
+def verdict_md(t, summary):
+    """The verdict table: validation beside test for every row, the comparisons, the gates."""
+    md = [summary_table(t, VALID_AND_TEST, base="SASRec (CE)" if "SASRec (CE)" in t else None),
+          "\nvalid: validation HR@10 / nDCG@10; a gate fit on validation is scored cross-fitted (each half of the "
+          "users by a gate fit on the other half). Impr.: nDCG@10 over SASRec (CE)."]
+    md += comparisons_md(summary["comparisons"])
+    gated = {lb: rs for lb, rs in t.items() if all("gate_per_bucket" in r for r in rs)}
+    if gated:
+        md += ["\n| row | gate share per expert, warmest → coldest bucket (test users, mean over seeds) |", "|---|---|"]
+        md += [f"| {lb} | {gate_shares(rs)} |" for lb, rs in gated.items()]
+    return md
+
+
+def verdicts_md(comps, name):
+    """One sentence per comparison for results/README.md: the difference and whether its
+    interval over users excludes 0."""
+    lines = []
+    for c in comps:
+        h, n = c["HR@10"], c["nDCG@10"]
+        sign = ("above" if n["ci95"][0] > 0 else "below" if n["ci95"][1] < 0 else "level with")
+        lines.append(f"- {c['measures'][0].upper() + c['measures'][1:]} ({c['a']} − {c['b']}): "
+                     f"HR@10 {h['difference']:+.2f} [{h['ci95'][0]:+.2f}, {h['ci95'][1]:+.2f}], nDCG@10 "
+                     f"{n['difference']:+.2f} [{n['ci95'][0]:+.2f}, {n['ci95'][1]:+.2f}]: {sign} on nDCG@10 "
+                     f"(95% over {n['users']} users; p over seeds {c['p_seeds_nDCG@10']:.2g}).")
+    return "\n".join(lines)
+
+
+def screen(all_rows):
+    """Rank the variants by mean validation nDCG@10 (HR@10 breaks ties) and keep test numbers
+    for the chosen one only: the other rows keep their validation numbers, not their test ones."""
+    t = by_label(all_rows)[""]
+    key = {lb: tuple(mean_std([r[f"valid {m}"] for r in rs])[0] for m in ("nDCG@10", "HR@10")) for lb, rs in t.items()}
+    order = sorted(t, key=key.get, reverse=True)
+    kept = [r if r["label"] == order[0] else {k: v for k, v in r.items() if not k.endswith("@10") or k.startswith("valid ")}
+            for r in all_rows]
+    return kept, {"chosen": order[0], "order": order}
+
+
+def screen_md(t, summary):
+    md = ["| rank | variant | seeds | valid HR@10 | valid nDCG@10 | test HR@10 | test nDCG@10 |", "|---|---|---|---|---|---|---|"]
+    for i, lb in enumerate(summary["order"], 1):
+        rs, chosen = t[lb], lb == summary["chosen"]
+        cells = [" ± ".join(f"{v:.2f}" for v in mean_std([r[m] for r in rs])) if len(rs) > 1 else f"{rs[0][m]:.2f}"
+                 for m in ["valid HR@10", "valid nDCG@10", *(["HR@10", "nDCG@10"] if chosen else [])]]
+        md.append(f"| {i} | {lb}{' (chosen)' if chosen else ''} | {len(rs)} | " + " | ".join(cells + ["", ""] * (not chosen)) + " |")
+    return md + ["\nChosen by mean validation nDCG@10 over the seeds (a gate fit on validation scored cross-fitted); "
+                 "test is reported for the chosen variant only."]
+
+
+RESULTS_INTRO = """# Results
+
+Written by `python experiments.py report` from the JSON files beside each table (every
+`results/NAME/EXP.json` holds the rows of its runs and the statistics); do not edit by hand.
+HR@10 / nDCG@10 in %, test split, full ranking, a repeated target is a miss
+([protocol](../README.md#evaluation-protocol)); how each experiment is run and what each row
+is: [experiments.md](experiments.md).
+
+Per dataset, the text-path recipe (`--loss ce`, standardised one-layer f_MLP, LLM expert from
+the CE MoRec, experts not fine-tuned, gate fit on validation) against controls that reuse its
+expert runs and fit their gate on validation alike; each line is the difference a − b with
+its paired 95% interval over test users."""
+
+
+TITLES = {"table2": "Table 2", "table3": "Table 3", "fig2": "Fig. 2: SASRec vs PAD by target frequency",
+          "fig3": "Fig. 3: top/bottom-10% collaborative pairs of cold items", "fig4": "Fig. 4: anchoring",
+          "fig5": "Fig. 5", "fig6": "Fig. 6: Kendall's tau to the phase-1 ID table",
+          "deviations": "The authors' choices, one at a time",
+          "verdict": "Same-treatment controls of the text-path recipe",
+          "screen": "The text-path screen, chosen on validation"}
+TABLES_ONLY = ("table2", "table3", "deviations", "verdict", "screen")  # no figure
+
+
+def title_of(exp, name, seeds, preset):
+    title = TITLES[exp] + (f" ({name}, seed {seeds[0]}" if exp == "fig3" else f" ({name}, seeds {seeds}")
+    return title + (")" if preset == "none" else f", --preset {preset})")
+
+
+def collect(exp, panels, data, args, png):
+    """An experiment's rows (one per run) and summary (intervals over users, the screen's
+    choice), from the finished runs; fig3's histograms need the runs, so its figure is drawn here."""
+    if exp == "verdict":
+        all_rows = rows(exp, panels)
+        return all_rows, {"comparisons": comparisons(panels[""], by_label(all_rows)[""], with_controls=True)}
+    if exp == "screen":
+        return screen(rows(exp, panels))
+    if exp == "fig6":
+        return kendall_rows(panels, data, args.max_pairs), {"n_buckets": data["n_buckets"]}
+    if exp == "fig3":
+        return fig3(panels, data, png, title_of(exp, data["name"], args.seeds, args.preset)), {}
+    all_rows = rows(exp, panels)
+    if exp == "table2":  # PAD (and the recipe) against the best other row, over users
+        return all_rows, {"comparisons": comparisons(panels[""], by_label(all_rows)[""], with_controls=False)}
+    return all_rows, {}
+
+
+def render(exp, all_rows, summary, title, name, png):
+    """The markdown of an experiment (and its bar or line figure) from its rows and summary
+    alone, so `experiments.py report` remakes every page from the committed JSON files."""
+    tables = by_label(all_rows)
+    md = [f"## {title}"]
+    if exp == "verdict":
+        md += verdict_md(tables[""], summary)
+    elif exp == "screen":
+        md += screen_md(tables[""], summary)
+    elif exp == "fig6":
+        buckets = [f"bucket {b}" for b in range(1, summary.get("n_buckets", 10) + 1)]
+        md += [f"### {p}\n" + summary_table(t, metrics=buckets) for p, t in tables.items()]
+        line_figure(tables, png, title, len(buckets))
+    elif exp == "fig3":
+        md += [summary_table(tables[""], metrics=("textual separation",))]
+    for panel, t in tables.items() if exp not in ("verdict", "screen", "fig6", "fig3") else ():
+        if exp == "table2":
+            metrics = [*(["valid HR@10", "valid nDCG@10"] if all("valid HR@10" in r for rs in t.values() for r in rs) else []),
+                       "HR@10", "nDCG@10", "cold HR@10"]
+            if all("HR@10 (repeats kept)" in r for rs in t.values() for r in rs):
+                metrics += ["HR@10 (repeats kept)", "nDCG@10 (repeats kept)"]
+            best, p, diff = significance(t) if "PAD" in t and len(t) > 1 else (None, float("nan"), 0.0)
+            paper = PAPER_TABLE2.get(name)
+            extra = ("paper HR@10 / nDCG@10", {lb: "%.2f / %.2f" % v for lb, v in paper.items()}) if paper else None
+            md += [summary_table(t, metrics, base="SASRec" if "SASRec" in t else None,
+                                 star=("PAD", p if diff > 0 else float("nan")), extra=extra)]
+            if best:  # ★ only where PAD is above that row
+                md += [f"\nPAD vs the best other row ({best}), paired t-test over seeds on nDCG@10: "
+                       f"PAD {'above' if diff > 0 else 'below'} it by {abs(diff):.2f}, p = {p:.3g}"]
+            md += comparisons_md(summary.get("comparisons", []))
+        elif exp == "deviations":  # each authors' choice against ours, seeds paired
+            ours = {r["seed"]: r for r in t["ours"]}
+            p_ours = {lb: " / ".join(f"{paired_t([r[m] for r in rs], [ours[r['seed']][m] for r in rs]):.2g}"
+                                     for m in ("HR@10", "nDCG@10")) for lb, rs in t.items() if lb != "ours"}
+            md += [f"### {panel}\n" + summary_table(t, base="ours", extra=("p vs ours, HR@10 / nDCG@10", p_ours))]
+        elif exp == "table3":
+            md += [f"### {panel}\n" + summary_table(t, base="Origin")]
+        elif exp == "fig2":
+            md += [summary_table(t, metrics=[f"{g} HR@10" for g in GROUPS] + [f"{g} nDCG@10" for g in GROUPS], base="SASRec")]
+        else:
+            md += [(f"### {panel}\n" if panel else "") + summary_table(t)]
+    if exp not in TABLES_ONLY + ("fig6", "fig3"):
+        bar_figure(tables, png, title, groups=GROUPS if exp == "fig2" else None)
+    return md
+
+
+def write_files(results, stem, md, record):
+    atomic_write_text("\n\n".join(md) + "\n", results / f"{stem}.md")
+    atomic_write_text(json.dumps(record, indent=1), results / f"{stem}.json")
+    with open(results / f"{stem}.csv.tmp", "w", newline="") as f:
+        fields = list(dict.fromkeys(k for r in record["rows"] for k in r if k != "gate_per_bucket"))
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(record["rows"])
+    os.replace(results / f"{stem}.csv.tmp", results / f"{stem}.csv")
+
 
 def report(exp, panels, data, args, results):
     name = data["name"]
     stem = exp if args.preset == "none" else f"{exp}-{args.preset}"  # a preset's tables beside ours, not over them
-    title = {"table2": "Table 2", "table3": "Table 3", "fig2": "Fig. 2: SASRec vs PAD by target frequency",
-             "fig3": "Fig. 3: top/bottom-10% collaborative pairs of cold items", "fig4": "Fig. 4: anchoring",
-             "fig5": "Fig. 5", "fig6": "Fig. 6: Kendall's tau to the phase-1 ID table",
-             "deviations": "The authors' choices, one at a time"}[exp]
-    title += f" ({name}, seed {args.seeds[0]}" if exp == "fig3" else f" ({name}, seeds {args.seeds}"
-    title += ")" if args.preset == "none" else f", --preset {args.preset})"
-    if exp == "fig6":
-        all_rows = kendall_rows(panels, data, args.max_pairs)
-        tables = by_label(all_rows)
-        buckets = [f"bucket {b}" for b in range(1, data["n_buckets"] + 1)]
-        md = [f"## {title}"] + [f"### {p}\n" + summary_table(t, metrics=buckets) for p, t in tables.items()]
-        line_figure(tables, results / f"{stem}.png", title, data["n_buckets"])
-    elif exp == "fig3":
-        all_rows = fig3(panels, data, results / f"{stem}.png", title)
-        md = [f"## {title}", summary_table(by_label(all_rows)[""], metrics=("textual separation",))]
-    else:
-        all_rows = rows(exp, panels)
-        tables = by_label(all_rows)
-        md = [f"## {title}"]
-        for panel, t in tables.items():
-            if exp == "table2":
-                metrics = ["HR@10", "nDCG@10", "cold HR@10"]
-                if all("HR@10 (repeats kept)" in r for rs in t.values() for r in rs):
-                    metrics += ["HR@10 (repeats kept)", "nDCG@10 (repeats kept)"]
-                best, p, diff = significance(t) if "PAD" in t and len(t) > 1 else (None, float("nan"), 0.0)
-                paper = PAPER_TABLE2.get(name)
-                extra = ("paper HR@10 / nDCG@10", {lb: "%.2f / %.2f" % v for lb, v in paper.items()}) if paper else None
-                md += [summary_table(t, metrics, base="SASRec" if "SASRec" in t else None, star=("PAD", p if diff > 0 else float("nan")), extra=extra)]
-                if best:  # ★ only where PAD is above that row
-                    md += [f"\nPAD vs the best other row ({best}), paired t-test over seeds on nDCG@10: "
-                           f"PAD {'above' if diff > 0 else 'below'} it by {abs(diff):.2f}, p = {p:.3g}"]
-            elif exp == "deviations":  # each authors' choice against ours, seeds paired
-                ours = {r["seed"]: r for r in t["ours"]}
-                p_ours = {lb: " / ".join(f"{paired_t([r[m] for r in rs], [ours[r['seed']][m] for r in rs]):.2g}"
-                                         for m in ("HR@10", "nDCG@10")) for lb, rs in t.items() if lb != "ours"}
-                md += [f"### {panel}\n" + summary_table(t, base="ours", extra=("p vs ours, HR@10 / nDCG@10", p_ours))]
-            elif exp == "table3":
-                md += [f"### {panel}\n" + summary_table(t, base="Origin")]
-            elif exp == "fig2":
-                md += [summary_table(t, metrics=[f"{g} HR@10" for g in GROUPS] + [f"{g} nDCG@10" for g in GROUPS], base="SASRec")]
-            else:
-                md += [(f"### {panel}\n" if panel else "") + summary_table(t)]
-        if exp not in ("table2", "table3", "deviations"):
-            bar_figure(tables, results / f"{stem}.png", title, groups=GROUPS if exp == "fig2" else None)
-    atomic_write_text("\n\n".join(md) + "\n", results / f"{stem}.md")
-    atomic_write_text(json.dumps({"experiment": exp, "data": name, "seeds": args.seeds, "preset": args.preset, "rows": all_rows}, indent=1),
-                      results / f"{stem}.json")
-    with open(results / f"{stem}.csv.tmp", "w", newline="") as f:
-        fields = list(dict.fromkeys(k for r in all_rows for k in r))
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(all_rows)
-    os.replace(results / f"{stem}.csv.tmp", results / f"{stem}.csv")
+    title = title_of(exp, name, args.seeds, args.preset)
+    all_rows, summary = collect(exp, panels, data, args, results / f"{stem}.png")
+    md = render(exp, all_rows, summary, title, name, results / f"{stem}.png")
+    write_files(results, stem, md, {"experiment": exp, "data": name, "seeds": args.seeds, "preset": args.preset,
+                                    "title": title, "commit": commit(), "rows": all_rows,
+                                    **({"summary": summary} if summary else {})})
     print("\n".join(md))
-    print(f"wrote {results}/{stem}.md, .csv, .json" + ("" if exp in ("table2", "table3", "deviations") else ", .png"))
+    print(f"wrote {results}/{stem}.md, .csv, .json" + ("" if exp in TABLES_ONLY else ", .png"))
+
+
+def commit():
+    """The code's git commit ('+' when the working tree differs from it), or 'unknown'."""
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=Path(__file__).parent, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD")
+    return (head + "+" * bool(git("status", "--porcelain", "--untracked-files=no"))) if head else "unknown"
+
+
+def rerender(results):
+    """experiments.py report: remake every RESULTS/NAME/EXP.md (and its figure) from its JSON,
+    and RESULTS/README.md's per-dataset verdicts; nothing is trained or read from runs/."""
+    for path in sorted(Path(results).glob("*/*.json")):
+        record = json.loads(path.read_text())
+        exp, png = record["experiment"], path.with_suffix(".png")
+        title = record.get("title") or title_of(exp, record["data"], record["seeds"], record.get("preset", "none"))
+        md = render(exp, record["rows"], record.get("summary", {}), title, record["data"], png)
+        write_files(path.parent, path.stem, md, record)
+        print(f"remade {path.with_suffix('.md')}")
+    index = [RESULTS_INTRO]
+    for folder in sorted(p for p in Path(results).iterdir() if p.is_dir()):
+        name, pages = folder.name, sorted(folder.glob("*.md"))
+        index.append(f"## {name}")
+        if (folder / "verdict.json").is_file():
+            record = json.loads((folder / "verdict.json").read_text())
+            index += [verdicts_md(record["summary"]["comparisons"], name),
+                      "\n\n".join(verdict_md(by_label(record["rows"])[""], record["summary"])[:1])]
+        else:
+            index.append("No verdict yet (`experiments.py verdict --data %s`)." % name)
+        if (folder / "fig2.png").is_file():
+            index.append(f"![Fig. 2, {name}]({name}/fig2.png)")
+        made = {p.stem: json.loads(p.with_suffix(".json").read_text()).get("commit", "not recorded") for p in pages}
+        index.append("Every table, with the commit of the code that wrote it (its runs may be older; 'not recorded': "
+                     "a table older than this record, whose commit `git log` on the file gives): "
+                     + ", ".join(f"[{p.stem}]({name}/{p.name}) ({made[p.stem]})" for p in pages))
+    atomic_write_text("\n\n".join(index) + "\n", Path(results) / "README.md")
+    print(f"remade {Path(results) / 'README.md'}")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiments", nargs="+", choices=EXPERIMENTS, help="which of the paper's tables / figures")
+    p.add_argument("experiments", nargs="+", choices=(*EXPERIMENTS, "report"),
+                   help="which of the paper's tables / figures; report (alone): remake every page under --results from "
+                        "its JSON, nothing run")
     p.add_argument("--data", default="ml-100k", help="prepared dataset (prepare_data.py)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="paper: 3 runs")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (CPU: one per core; each gets cores/jobs threads)")
@@ -589,6 +823,10 @@ def main():
         raise SystemExit(f"--preset {args.preset}: deviations sets the authors' choices one at a time on top of the "
                          f"defaults; run it without --preset")
 
+    if "report" in args.experiments:
+        if args.experiments != ["report"]:
+            raise SystemExit("report remakes the pages from the JSON files of finished experiments: run it alone")
+        return rerender(args.results)
     data = load_dataset(args.data)
     plan = Plan(args.runs, data, args.preset)
     chosen = {exp: groups(exp, plan, args.seeds) for exp in args.experiments}

@@ -14,17 +14,18 @@ import torch
 import torch.nn.functional as F
 
 from dataset import DEFAULT_ALIGN, GATE_FITS, align_tag, history_before_target, run_path, split_sequences, text_of
-from models import BACKBONES, EXPERTS, GATE_INITS, GATES, build_model, check_checkpoint, model_from_checkpoint, read_checkpoint
-from evaluate import protocol
+from models import ALL_EXPERTS, BACKBONES, EXPERTS, GATE_INITS, GATES, build_model, check_checkpoint, model_from_checkpoint, read_checkpoint
+from evaluate import protocol, user_ranks
 from trainer import (FLAG_DEFAULTS, K, TEXT_FLAGS, add_text_args, add_training_args, bce_loss, finish, fit,
                      is_main_process, match_text_args, parse_args, reuse_finished, sample_negatives, setup)
 
 
 def parse_experts(text):
     experts = [e for e in text.split(",") if e]
-    if not experts or any(e not in EXPERTS for e in experts) or len(set(experts)) != len(experts):
-        raise argparse.ArgumentTypeError(f"--experts {text!r}: a comma-separated subset of {','.join(EXPERTS)}, e.g. id,align,llm")
-    return [e for e in EXPERTS if e in experts]  # canonical order id, align, llm
+    if not experts or any(e not in ALL_EXPERTS for e in experts) or len(set(experts)) != len(experts):
+        raise argparse.ArgumentTypeError(f"--experts {text!r}: a comma-separated subset of {','.join(ALL_EXPERTS)}, "
+                                         f"e.g. id,align,llm")
+    return [e for e in ALL_EXPERTS if e in experts]  # canonical order id, align, llm, text
 
 
 def main():
@@ -35,7 +36,8 @@ def main():
     p.add_argument("--align", default=None,
                    help="phase-2 checkpoint (alignment expert); default the align.py run with its default flags, "
                         "runs/NAME/align_BACKBONE_gaussian_rec_gamma0.1_seedS.pt")
-    p.add_argument("--experts", type=parse_experts, default=list(EXPERTS), help="experts kept, of id,align,llm (Eq. 8-10); paper: all three")
+    p.add_argument("--experts", type=parse_experts, default=list(EXPERTS), help="experts kept, of id,align,llm (Eq. 8-10; paper: all three) and text (beyond the paper: "
+                        "text-kNN under the gate, models.UnitText, models.LastItem)")
     p.add_argument("--gate", default="freq", choices=GATES,
                    help="freq: Eq. (11) on bucket b(i) and expert state (paper); bucket: authors' release; none: one global weight per expert")
     p.add_argument("--gate-init", default="uniform", choices=GATE_INITS,
@@ -51,6 +53,13 @@ def main():
                         "them and the gate is fit on the validation targets alone; measured with --loss ce (with bce "
                         "the refit collapsed onto one expert: results/README.md)")
     p.add_argument("--gate-fit-epochs", type=int, default=5, help="--gate-fit valid: passes over the validation users")
+    p.add_argument("--gate-fit-lr", type=float, default=1e-2, help="--gate-fit valid: Adam's learning rate")
+    p.add_argument("--gate-fit-batch-size", type=int, default=512, help="--gate-fit valid: validation users per step")
+    p.add_argument("--gate-fit-negatives", type=int, default=16,
+                   help="--gate-fit valid, --loss bce: negatives per validation target, drawn each pass")
+    p.add_argument("--gate-fit-folds", type=int, default=2,
+                   help="--gate-fit valid: the metrics' validation score is cross-fitted: each of this many folds of "
+                        "the validation users is ranked by a gate fit on the others (the model kept is fit on all)")
     p.add_argument("--llm-init", default=None,
                    help="a baselines.py --method morec run that seeds the LLM expert (as MAKE does; beyond the paper, "
                         "whose Alg. 1 line 15 loads the ID and alignment experts only); default: a new LLM expert")
@@ -68,6 +77,11 @@ def main():
         args.align = None
     if args.llm_init and "llm" not in args.experts:
         raise SystemExit(f"--llm-init {args.llm_init}: seeds the LLM expert, which --experts {','.join(args.experts)} leaves out")
+    if args.gate_fit == "valid-only" and "llm" in args.experts and not args.llm_init:
+        raise SystemExit("--gate-fit valid-only trains no expert, so the LLM expert would stay random: pass --llm-init "
+                         "MOREC.pt (a baselines.py --method morec run), or leave llm out of --experts")
+    if args.gate_fit != "train" and args.gate_fit_folds < 2:
+        raise SystemExit(f"--gate-fit-folds {args.gate_fit_folds}: the cross-fitted validation score needs at least 2 folds")
     paths = {"id": args.pretrain, "align": args.align, "llm": args.llm_init}
     ckpts = {k: read_checkpoint(paths[k]) for k in ("id", "align", "llm") if paths[k]}
     # every expert takes phase 1's encoder configuration, so phase 1 is checked even without the ID expert
@@ -113,8 +127,9 @@ def main():
         model, log = fit(model, data, args, out)
     if not is_main_process():  # under torchrun, rank 0 tests and writes
         return
+    valid_ranks = None
     if args.gate_fit != "train":
-        fit_gate(model, data, args)
+        valid_ranks = cross_fit_gate(model, data, args)
     model.eval()
     with torch.no_grad():
         test_in, _ = split_sequences(data["seqs"], "test")
@@ -125,10 +140,34 @@ def main():
         print(f"{b:6d} " + " ".join(f"{v:6.3f}" for v in row))
     finish(model, model_args, data, args, 3, log, out,
            extra={"gate_per_bucket": {b: dict(zip(args.experts, row)) for b, row in enumerate(gate.tolist(), start=1)},
-                  "init": {k: paths[k] for k in ckpts}})
+                  "init": {k: paths[k] for k in ckpts}}, valid_ranks=valid_ranks)
 
 
-def fit_gate(model, data, args, batch_size=512, lr=1e-2, negatives=16):
+def gate_params(model):
+    """What --gate-fit fits: the gate, and the text expert's scale (its only parameter)."""
+    return [*model.gate.parameters(), *(model.experts["text"].parameters() if "text" in model.experts else [])]
+
+
+def cross_fit_gate(model, data, args):
+    """Fit the gate on the validation users (fit_gate), and score validation honestly: the
+    users are cut into --gate-fit-folds random folds, each ranked by a gate fit on the other
+    folds from the same start. Returns those cross-fitted validation ranks (U,); the model
+    keeps the gate fit on every validation user."""
+    start = [w.detach().clone() for w in gate_params(model)]
+    n_users = len(data["seqs"])
+    folds = torch.randperm(n_users, generator=torch.Generator().manual_seed(args.seed)).chunk(args.gate_fit_folds)
+    ranks = torch.empty(n_users, dtype=torch.long)
+    for i, fold in enumerate(folds):
+        fit_gate(model, data, args, users=torch.cat([f for j, f in enumerate(folds) if j != i]))
+        ranks[fold] = user_ranks(model, data, "valid", args.eval_batch_size, args.keep_repeated_targets, users=fold)
+        with torch.no_grad():
+            for w, w0 in zip(gate_params(model), start):
+                w.copy_(w0)
+    fit_gate(model, data, args)
+    return ranks
+
+
+def fit_gate(model, data, args, users=None):
     """DEVIATION (--gate-fit valid, valid-only): fit the gate of Eq. (11) alone on the validation split.
 
     Trained with the experts on the training data (Alg. 1), the gate learns which expert fits
@@ -140,29 +179,34 @@ def fit_gate(model, data, args, batch_size=512, lr=1e-2, negatives=16):
     against `negatives` items drawn uniformly outside the user's earlier items each pass (--loss
     bce), or the softmax over all items with those items masked (--loss ce). A target that
     repeats an earlier item is skipped (it is a miss whatever the gate does). The test split is
-    never seen; validation also picked the experts' epoch, and the metrics JSON's `valid` entry
-    is no longer held out."""
+    never seen; validation also picked the experts' epoch (cross_fit_gate gives the metrics
+    a held-out validation score). users: the validation rows to fit on (default: all);
+    --gate-fit-lr, --gate-fit-batch-size, --gate-fit-negatives set Adam's step, the users per
+    step and the BCE negatives."""
     model.eval()
     for w in model.parameters():
         w.requires_grad_(False)
-    params = list(model.gate.parameters())
+    params = gate_params(model)
     for w in params:
         w.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(params, lr=args.gate_fit_lr)
+    batch_size, negatives = args.gate_fit_batch_size, args.gate_fit_negatives
     device = next(model.parameters()).device
     inputs, targets = split_sequences(data["seqs"], "valid")
     history = history_before_target(data["seqs"], "valid")
+    if users is not None:
+        inputs, targets, history = inputs[users], targets[users], history[users]
     keep = ~(history == targets[:, None]).any(1)
     inputs, targets, history = inputs[keep], targets[keep], history[keep]
     with torch.no_grad():
-        tables = model.item_tables()  # K x (N+1, d), frozen
+        tables = model.item_tables()  # K x (N+1, d), frozen (the text expert's scale sits in its states)
     gen = torch.Generator().manual_seed(args.seed)
     for epoch in range(1, args.gate_fit_epochs + 1):
         neg = sample_negatives(torch.cat([history, targets[:, None]], 1), data["n_items"], (len(targets), negatives), gen)
         total = 0.0
         for idx in torch.randperm(len(inputs), generator=gen).split(batch_size):
             seq, tgt, hist = inputs[idx].to(device), targets[idx].to(device), history[idx].to(device)
-            with torch.no_grad():
+            with torch.set_grad_enabled("text" in model.experts):  # the text expert's scale is fit too
                 h = [h_k[:, -1] for h_k in model.states(seq)]  # K x (b, d)
             states = [h_k[:, None] for h_k in h]  # K x (b, 1, d)
             if args.loss == "ce":
@@ -180,7 +224,7 @@ def fit_gate(model, data, args, batch_size=512, lr=1e-2, negatives=16):
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
-        if not args.quiet or epoch == args.gate_fit_epochs:
+        if users is None and (not args.quiet or epoch == args.gate_fit_epochs):  # the fit kept, not the folds'
             print(f"gate fit on validation, pass {epoch}: {args.loss} {total / len(inputs):.4f}", flush=True)
     for w in model.parameters():
         w.requires_grad_(True)

@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 BACKBONES = ("sasrec", "gru4rec", "caser")
-EXPERTS = ("id", "align", "llm")
+EXPERTS = ("id", "align", "llm")  # the paper's three (Eq. 8-10)
+ALL_EXPERTS = (*EXPERTS, "text")  # and the text-similarity expert, beyond the paper
 GATES = ("freq", "bucket", "none")
 BLOCKS = ("ours", "authors")  # SASRec block variants (--sasrec-block)
 GATE_INITS = ("uniform", "ramp")  # --gate-init
@@ -302,12 +303,43 @@ class Expert(nn.Module):
         return next(self.parameters()).device
 
 
+class UnitText(nn.Module):
+    """The text expert's item representation (beyond the paper, `--experts ...,text`): the
+    unit-norm frozen text row of each item, a non-persistent buffer (row 0 stays zero)."""
+
+    def __init__(self, text_emb, chunk=65536):
+        super().__init__()
+        unit = torch.cat([F.normalize(text_emb[i:i + chunk].float(), dim=-1) for i in range(0, len(text_emb), chunk)])
+        self.register_buffer("unit", unit, persistent=False)  # (N+1, d_text)
+
+    def forward(self, items):
+        return self.unit[items]  # (..., d_text)
+
+
+class LastItem(nn.Module):
+    """The text expert's sequence encoder: the state after position t is the item at t, times
+    a scale s = exp(log_scale), so o_text = s * cos(h_text[last item], h_text[i]): text-kNN
+    (baselines.py --method textknn) under the gate. s, started at 1 / 0.07, is the expert's
+    only parameter: cosines lie in [-1, 1] while the other experts' logits span tens, and the
+    gate's convex weights cannot rescale them."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, e, mask):
+        return self.log_scale.exp() * e  # (B, L, d_text); padding rows are zero already
+
+
 def make_expert(kind, n_items, text_emb, cfg):
     """Build the ID ('id', Eq. 8), alignment ('align', Eq. 9) or LLM ('llm', Eq. 10) expert,
-    or DisCo's chunked single recommender ('disco'). cfg holds backbone, d, L, n_blocks,
+    the text-similarity expert ('text', beyond the paper) or DisCo's chunked single
+    recommender ('disco'). cfg holds backbone, d, L, n_blocks,
     n_heads, dropout and optionally block, fuse_dropout, text_norm, text_layers, text_out (the
     model_args of a checkpoint). Trained alone from scratch, 'align' is the Hybrid baseline
     and 'llm' is MoRec (baselines.py)."""
+    if kind == "text":  # text-kNN as an expert: unit text rows, "the last item" as encoder
+        return Expert(UnitText(text_emb), LastItem(), n_items)
     d = cfg["d"]
     text = {"norm": cfg.get("text_norm", "none"), "n_layers": cfg.get("text_layers", 4),
             "out": cfg.get("text_out", "gelu")}  # f_MLP (Eq. 7)
@@ -320,7 +352,7 @@ def make_expert(kind, n_items, text_emb, cfg):
     elif kind == "disco":
         items = ChunkItems(n_items, text_emb, d, cfg["dropout"], text)
     else:
-        raise ValueError(f"unknown expert {kind!r}; choose from {', '.join(EXPERTS)} or disco")
+        raise ValueError(f"unknown expert {kind!r}; choose from {', '.join(ALL_EXPERTS)} or disco")
     encoder = make_encoder(cfg["backbone"], d, cfg["L"], cfg["n_blocks"], cfg["n_heads"], cfg["dropout"],
                            cfg.get("block", "ours"))
     return Expert(items, encoder, n_items)
@@ -340,6 +372,9 @@ ALIGN_RAMP = -4.0
 def ramp_logits(experts, n_buckets):
     """(B+1, K) sigmoid-gate logits of the authors' initial ramp, one column per expert name."""
     start = {"id": (1.0, 0.0), "llm": (0.0, 1.0), "align": (ALIGN_RAMP, ALIGN_RAMP - 1.0)}
+    if set(experts) - set(start):
+        raise ValueError(f"--gate-init ramp: the authors' ramp has no start for the {','.join(set(experts) - set(start))} "
+                         f"expert; use --gate-init uniform")
     return torch.stack([torch.linspace(*start[k], n_buckets + 1) for k in experts], dim=1)
 
 
@@ -356,10 +391,12 @@ class FrequencyGate(nn.Module):
         if init == "ramp":
             with torch.no_grad():
                 self.a.weight.copy_(F.logsigmoid(ramp_logits(experts, n_buckets)))
-        self.w = nn.Parameter(torch.zeros(K, d))  # state part
+        # state part; d may be one width per expert (the text expert's state is d_text wide):
+        # row k holds w_k in its first d_k entries, the rest stay unused
+        self.w = nn.Parameter(torch.zeros(K, max(d) if isinstance(d, (list, tuple)) else d))
 
     def forward(self, bucket, h):
-        state = torch.stack([h_k @ w_k for h_k, w_k in zip(h, self.w)], dim=-1)  # (..., K)
+        state = torch.stack([h_k @ w_k[:h_k.shape[-1]] for h_k, w_k in zip(h, self.w)], dim=-1)  # (..., K)
         return torch.softmax(self.a(bucket) + state, dim=-1)
 
 
@@ -573,7 +610,9 @@ def build_model(model_args, data):
     if model_args["kind"] == "expert":
         return make_expert(model_args["expert"], n_items, text_emb, model_args)
     experts = {k: make_expert(k, n_items, text_emb, model_args) for k in model_args["experts"]}
-    gate = make_gate(model_args["gate"], data["n_buckets"], model_args["d"], experts, model_args.get("gate_init", "uniform"))
+    widths = [text_emb.shape[1] if k == "text" else model_args["d"] for k in experts]  # each expert's state width
+    gate = make_gate(model_args["gate"], data["n_buckets"], widths if "text" in experts else model_args["d"], experts,
+                     model_args.get("gate_init", "uniform"))
     return PAD(experts, gate, data["item_bucket"], data["n_buckets"])
 
 

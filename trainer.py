@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from dataset import atomic_save, atomic_write_text, load_dataset, split_sequences
-from evaluate import evaluate, format_metrics, parse_device, protocol
+from evaluate import evaluate, format_metrics, parse_device, protocol, summarise_ranks, user_ranks
 from models import BLOCKS, TEXT_NORMS, TEXT_OUTS, read_checkpoint
 
 K = 10  # HR@K / nDCG@K of validation and test; paper: 10 (Sec. 4.1.2)
@@ -576,16 +576,19 @@ def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
     return model, log
 
 
-def finish(model, model_args, data, args, phase, log, out, extra=None):
+def finish(model, model_args, data, args, phase, log, out, extra=None, valid_ranks=None):
     """Test the restored best model, print the metrics, write the self-describing checkpoint
     and a metrics JSON beside it (both atomically), and remove the run's OUT.last.pt: the
     phase is done. The test is scored under both rules for repeated targets: `test` under
-    the run's rule, `test_rules` overall under each."""
+    the run's rule, `test_rules` overall under each. `ranks` holds every user's validation
+    and test rank under the run's rule (user order of dataset.pt), for intervals over users;
+    valid_ranks replaces the validation ranking (finetune.py's cross-fitted gate fit)."""
     t0 = time.time()
     keep = args.keep_repeated_targets
-    valid = evaluate(model, data, "valid", K, args.eval_batch_size, keep)
-    test = evaluate(model, data, "test", K, args.eval_batch_size, keep)
-    eval_seconds = (time.time() - t0) / 2
+    ranks = {"valid": user_ranks(model, data, "valid", args.eval_batch_size, keep) if valid_ranks is None else valid_ranks,
+             "test": user_ranks(model, data, "test", args.eval_batch_size, keep)}
+    valid, test = (summarise_ranks(ranks[split], data, split, K) for split in ("valid", "test"))
+    eval_seconds = (time.time() - t0) / (1 if valid_ranks is not None else 2)
     other = evaluate(model, data, "test", K, args.eval_batch_size, not keep)
     rules = {("repeat_kept" if keep else "repeat_is_miss"): test, ("repeat_is_miss" if keep else "repeat_kept"): other}
     print(f"phase {phase} test: {format_metrics(test)}  (full ranking {eval_seconds:.2f}s)")
@@ -594,7 +597,8 @@ def finish(model, model_args, data, args, phase, log, out, extra=None):
     tested = best_epoch if args.test_epoch == "best" else len(log)
     metrics = {"phase": phase, "valid": valid, "test": test,
                "test_rules": {r: {m: v[m] for m in (f"HR@{K}", f"nDCG@{K}")} for r, v in rules.items()},
-               "best_epoch": best_epoch, "tested_epoch": tested, "epochs": log, "eval_seconds": eval_seconds, **(extra or {})}
+               "best_epoch": best_epoch, "tested_epoch": tested, "epochs": log, "eval_seconds": eval_seconds, **(extra or {}),
+               "ranks": {split: r.tolist() for split, r in ranks.items()}}
     ckpt = {"phase": phase, "model_args": model_args, "state": {k: v.cpu() for k, v in model.state_dict().items()},
             "args": vars(args), "dataset": data["name"], "n_items": data["n_items"],
             "fingerprint": data["fingerprint"], "metrics": json.loads(json.dumps(metrics))}

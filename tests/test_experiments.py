@@ -3,6 +3,7 @@ the real scripts (one epoch, d = 16), the files it writes, the skip of finished 
 paired t-test and the fig3 / fig6 statistics against independent computations."""
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from scipy.stats import ttest_rel
 from analysis import embedding_kendall_tau, embedding_table
 from dataset import load_dataset
 from evaluate import summary_table
-from experiments import EXPERIMENTS, pair_distances, paired_t, separation, significance
+from experiments import CONTROLS, EXPERIMENTS, RECIPE_LABEL, pair_distances, paired_t, separation, significance
 from test_phases import ENV, ROOT, dataset, run, work  # noqa: F401  (module fixtures)
 
 FAST = ["--extra", "--epochs 1 --batch-size 8", "--model-flags", "--d 16 --n-blocks 1"]
@@ -28,10 +29,11 @@ def experiments(work, dataset, *args):
 
 @pytest.fixture(scope="module")
 def all_experiments(work, dataset):
-    """table2 and deviations over two seeds, every other experiment over one, in one call."""
-    r = experiments(work, dataset, "table2", "deviations", "--seeds", "0", "1")
+    """table2, deviations, verdict and screen over two seeds, every other experiment over one."""
+    two = ("table2", "deviations", "verdict", "screen")
+    r = experiments(work, dataset, *two, "--seeds", "0", "1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    r = experiments(work, dataset, *[e for e in EXPERIMENTS if e not in ("table2", "deviations")], "--seeds", "0")
+    r = experiments(work, dataset, *[e for e in EXPERIMENTS if e not in two], "--seeds", "0")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return work / "results" / "tiny"
 
@@ -40,7 +42,7 @@ def test_every_experiment_writes_its_files(all_experiments):
     for exp in EXPERIMENTS:
         for ext in ("md", "csv", "json"):
             assert (all_experiments / f"{exp}.{ext}").stat().st_size > 0, (exp, ext)
-        if exp not in ("table2", "table3", "deviations"):
+        if exp not in ("table2", "table3", "deviations", "verdict", "screen"):
             assert (all_experiments / f"{exp}.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -48,7 +50,8 @@ def test_table2_rows_and_significance(all_experiments):
     rows = list(csv.DictReader(open(all_experiments / "table2.csv")))
     beyond = ["MoRec (std f_MLP)", "PAD (std f_MLP)", "MoRec (CE, std f_MLP)", "PAD (CE, std f_MLP, LLM from MoRec)",
               "PAD (CE, std f_MLP, LLM from MoRec, gate fit on valid)",
-              "PAD (CE, std f_MLP, LLM from MoRec, experts not fine-tuned, gate fit on valid)"]
+              "PAD (CE, std f_MLP, LLM from MoRec, experts not fine-tuned, gate fit on valid)",
+              "PAD (std f_MLP, LLM from MoRec)", *CONTROLS]
     labels = ["SASRec", "SASRec (CE)", "text-kNN", "text-kNN (mean)", "Hybrid", "MoRec", "CTRL", "MAKE", "DisCo", "SMEM",
               "PAD", *beyond]
     assert sorted({r["label"] for r in rows}) == sorted(labels)
@@ -56,6 +59,11 @@ def test_table2_rows_and_significance(all_experiments):
     assert names["MoRec (CE, std f_MLP)"] == "baseline_morec_sasrec_text-std-l0_ce_seed0.pt"
     assert names[beyond[4]] == "finetune_sasrec_freq-validfit_id-align-llm_gaussian_rec_gamma0.1_llm-morec_text-std-l0_ce_seed0.pt"
     assert names[beyond[5]] == "finetune_sasrec_freq-validonly_id-align-llm_gaussian_rec_gamma0.1_llm-morec_text-std-l0_ce_seed0.pt"
+    stack, text, gamma0, nogate = CONTROLS  # the controls reuse the recipe's expert runs, each changing one thing
+    assert names[stack] == "finetune_sasrec_freq-validonly_id-llm_llm-morec_text-std-l0_ce_seed0.pt"
+    assert names[text] == "finetune_sasrec_freq-validonly_id-llm-text_llm-morec_text-std-l0_ce_seed0.pt"
+    assert names[gamma0] == names[beyond[5]].replace("gamma0.1", "gamma0")
+    assert names[nogate] == names[beyond[5]].replace("freq-", "none-")
     assert all(sum(r["label"] == lb for r in rows) == 2 for lb in labels)  # two seeds each
     for r in rows:
         assert 0 <= float(r["nDCG@10"]) <= float(r["HR@10"]) <= 100
@@ -64,6 +72,90 @@ def test_table2_rows_and_significance(all_experiments):
         assert float(r["HR@10"]) == pytest.approx(metrics["test"]["HR@10"])  # the CSV is the runs' own metrics
     md = (all_experiments / "table2.md").read_text()
     assert "| PAD | 2 |" in md and "paired t-test" in md
+
+
+def per_user(run, metric):
+    """A run's per-user test HR@10 / nDCG@10 (%) from the ranks in its JSON, by loop."""
+    ranks = json.loads(Path(run).with_suffix(".json").read_text())["ranks"]["test"]
+    return [100.0 * (r < 10) * (1.0 if metric == "HR@10" else 1 / math.log2(r + 2)) for r in ranks]
+
+
+def test_verdict_rows_and_intervals_over_users(all_experiments):
+    """verdict: the baselines, the paper's PAD, the four controls and the recipe, validation
+    beside test (the runs' own numbers); each comparison's interval is scipy's paired t-interval
+    over the users of the seed-averaged per-user metric, recomputed from the runs' ranks."""
+    out = json.loads((all_experiments / "verdict.json").read_text())
+    rows = out["rows"]
+    assert {r["label"] for r in rows} == {"SASRec", "SASRec (CE)", "text-kNN", "MoRec (CE, std f_MLP)", "PAD",
+                                          *CONTROLS, RECIPE_LABEL}
+    for r in rows:
+        metrics = json.loads(Path(r["run"]).with_suffix(".json").read_text())
+        assert r["valid nDCG@10"] == metrics["valid"]["nDCG@10"] and r["HR@10"] == metrics["test"]["HR@10"]
+    comparisons = out["summary"]["comparisons"]
+    assert [(c["a"], c["b"]) for c in comparisons[:4]] == [(RECIPE_LABEL, c) for c in CONTROLS]
+    assert {c["a"] for c in comparisons[4:]} == {RECIPE_LABEL, "PAD"}
+    for c in comparisons:
+        for metric in ("HR@10", "nDCG@10"):
+            users = [[sum(vals) / 2 for vals in zip(*(per_user(r["run"], metric) for r in rows if r["label"] == lb))]
+                     for lb in (c["a"], c["b"])]  # two seeds
+            d = [a - b for a, b in zip(*users)]
+            got = c[metric]
+            assert got["users"] == len(d) and got["difference"] == pytest.approx(sum(d) / len(d))
+            if len(set(d)) > 1:
+                ci = ttest_rel(*users).confidence_interval(0.95)
+                assert got["ci95"] == pytest.approx([ci.low, ci.high])
+    md = (all_experiments / "verdict.md").read_text()
+    assert f"| {RECIPE_LABEL} − {next(iter(CONTROLS))} |" in md and "valid HR@10" in md
+
+
+def test_screen_chooses_on_validation_and_reports_test_for_that_one_only(all_experiments):
+    out = json.loads((all_experiments / "screen.json").read_text())
+    valid = {}
+    for r in out["rows"]:
+        valid.setdefault(r["label"], []).append(r["valid nDCG@10"])
+    chosen = max(valid, key=lambda lb: sum(valid[lb]) / len(valid[lb]))
+    assert out["summary"]["chosen"] == chosen and len(valid) == 6
+    for r in out["rows"]:  # test numbers only for the chosen variant
+        assert ("HR@10" in r and "cold HR@10" in r) == (r["label"] == chosen), r
+    md = (all_experiments / "screen.md").read_text()
+    assert md.count("(chosen)") == 1 and f"| 1 | {chosen} (chosen) |" in md
+
+
+def test_report_remakes_every_page_from_its_json(all_experiments, tmp_path):
+    """experiments.py report: every EXP.md is remade from its EXP.json alone, as the runs wrote
+    it, and results/README.md states each verdict comparison with its interval."""
+    import shutil
+
+    shutil.copytree(all_experiments, tmp_path / "tiny")
+    for md in (tmp_path / "tiny").glob("*.md"):
+        md.write_text("stale")
+    r = subprocess.run([sys.executable, "experiments.py", "report", "--results", str(tmp_path)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for md in all_experiments.glob("*.md"):
+        assert (tmp_path / "tiny" / md.name).read_text() == md.read_text(), md.name
+    index = (tmp_path / "README.md").read_text()
+    comps = json.loads((all_experiments / "verdict.json").read_text())["summary"]["comparisons"]
+    for c in comps:
+        assert f"({c['a']} − {c['b']}): HR@10 {c['HR@10']['difference']:+.2f}" in index
+    refused = subprocess.run([sys.executable, "experiments.py", "report", "table2", "--results", str(tmp_path)], cwd=ROOT,
+                             env=ENV, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "run it alone" in refused.stderr
+
+
+def test_committed_pages_are_the_report_of_their_json(tmp_path):
+    """results/: every committed page is what `experiments.py report` makes of the committed
+    JSON files, so no number on them is typed by hand."""
+    import shutil
+
+    shutil.copytree(ROOT / "results", tmp_path / "results")
+    r = subprocess.run([sys.executable, "experiments.py", "report", "--results", str(tmp_path / "results")], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    pages = [p for p in (ROOT / "results").rglob("*.md") if p.name != "experiments.md"]  # the methods page is prose
+    assert len(pages) > 10
+    for page in pages:
+        assert (tmp_path / page.relative_to(ROOT)).read_text() == page.read_text(), page
 
 
 def test_deviations_set_one_authors_choice_each(all_experiments):

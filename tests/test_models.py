@@ -155,7 +155,7 @@ def loop_gate(gate, kind, bucket, h):
     parameters: Eq. (11) written out per expert."""
     K = len(h)
     if kind == "freq":
-        z = [float(gate.a.weight[bucket, k]) + float(torch.dot(gate.w[k], h[k])) for k in range(K)]
+        z = [float(gate.a.weight[bucket, k]) + float(torch.dot(gate.w[k][:len(h[k])], h[k])) for k in range(K)]
         m = max(z)
         e = [math.exp(v - m) for v in z]
         return [v / sum(e) for v in e]
@@ -184,7 +184,8 @@ def loop_pad_scores(experts, gate, kind, bucket, seq):
 
 def make_pad(names, gate_kind, seed=0, backbone="sasrec"):
     experts = {k: expert(k, backbone, seed=seed + i) for i, k in enumerate(names)}
-    gate = randomise(make_gate(gate_kind, N_BUCKETS, D, names), seed)
+    widths = [D_TEXT if k == "text" else D for k in names]  # the text expert's state is d_text wide
+    gate = randomise(make_gate(gate_kind, N_BUCKETS, widths if "text" in names else D, names), seed)
     return PAD(experts, gate, item_bucket(), N_BUCKETS).eval()
 
 
@@ -223,15 +224,59 @@ def test_pad_full_scores_equal_loop_of_eq11(gate_kind):
 
 
 @pytest.mark.parametrize("gate_kind", GATES)
-@pytest.mark.parametrize("names", [("id", "llm"), ("align", "llm"), ("id", "align")])
-def test_removing_an_expert_removes_its_contribution(names, gate_kind):
-    pad = make_pad(names, gate_kind, seed=5)
-    assert list(pad.experts) == list(names)
+@pytest.mark.parametrize("dropped", EXPERTS)
+def test_removing_an_expert_removes_its_contribution(dropped, gate_kind):
+    """The same experts and gate parameters without expert j: every gate renormalises over the
+    experts left, so Phi without j = (Phi - g_j o_j) / (1 - g_j) of the three-expert model."""
+    pad = make_pad(EXPERTS, gate_kind, seed=5)
+    j = EXPERTS.index(dropped)
+    kept = [k for k in EXPERTS if k != dropped]
+    gate = make_gate(gate_kind, N_BUCKETS, D, kept)
+    with torch.no_grad():  # the kept experts' columns (rows of the freq gate's w) of the same parameters
+        for name, w in gate.named_parameters():
+            full = dict(pad.gate.named_parameters())[name]
+            w.copy_(full[[EXPERTS.index(k) for k in kept]] if name == "w" else full[..., [EXPERTS.index(k) for k in kept]])
+    less = PAD({k: pad.experts[k] for k in kept}, gate, pad.bucket, N_BUCKETS).eval()
+    seq = sequences(B=3)
+    with torch.no_grad():
+        phi, phi_less = pad.full_scores(seq), less.full_scores(seq)
+        h = [e(seq)[:, -1, None] for e in pad.experts.values()]
+        g = pad.gate(pad.bucket.expand(len(seq), -1), h)[..., j]  # (B, N+1) g_j of every item
+        o_j = pad.experts[dropped].full_scores(seq)
+    assert not torch.allclose(phi_less, phi, atol=1e-3)
+    assert torch.allclose(phi_less, (phi - g * o_j) / (1 - g), atol=1e-4)
+
+
+def test_text_expert_scores_are_scaled_cosines_to_the_last_item():
+    """--experts ...,text: o_text(u, i) = s * cos(h_text[last item of u], h_text[i]), by loop;
+    padding scores 0; the scale s = exp(log_scale) is the expert's only parameter."""
+    text = expert("text", "sasrec")
+    assert [n for n, _ in text.named_parameters()] == ["encoder.log_scale"]
+    with torch.no_grad():
+        text.encoder.log_scale.fill_(math.log(3.0))
+        seq = sequences(B=4)
+        scores = text.full_scores(seq)
+    table = text_table()
+    for u in range(4):
+        last = table[seq[u, -1]]
+        for i in range(1, N + 1):
+            cos = float(torch.dot(last, table[i]) / (last.norm() * table[i].norm()))
+            assert float(scores[u, i]) == pytest.approx(3.0 * cos, abs=1e-5)
+    assert torch.all(scores[:, 0] == 0)
+
+
+@pytest.mark.parametrize("gate_kind", GATES)
+def test_pad_with_the_text_expert_equals_loop_of_eq11(gate_kind):
+    """The text expert under each gate: Eq. (11) by loop, with the freq gate's state term on
+    the d_text-wide text state (w_k's first d_text entries)."""
+    pad = make_pad(("id", "llm", "text"), gate_kind, seed=3)
     seq = sequences(B=3)
     with torch.no_grad():
         scores = pad.full_scores(seq)
-    assert torch.allclose(scores, loop_pad_scores(list(pad.experts.values()), pad.gate, gate_kind, pad.bucket, seq),
-                          atol=1e-5)
+    ref = loop_pad_scores(list(pad.experts.values()), pad.gate, gate_kind, pad.bucket, seq)
+    assert torch.allclose(scores, ref, atol=1e-4)
+    with torch.no_grad():  # full_scores and the CE logits of every item agree at the last position
+        assert torch.allclose(pad.all_logits(seq)[:, -1], scores, atol=1e-4)
 
 
 @pytest.mark.parametrize("gate_kind", GATES)
@@ -548,9 +593,10 @@ def test_gate_fit_ce_is_the_masked_softmax_loss_of_eq11_by_loop(capsys):
     seqs = torch.stack([torch.randperm(N, generator=g)[:L + 3] + 1 for _ in range(6)])  # distinct items per user
     seqs[0, -2] = seqs[0, 3]  # user 0's validation target repeats an earlier item: skipped
     data = {"seqs": seqs, "n_items": N}
-    args = types.SimpleNamespace(seed=0, quiet=False, loss="ce", gate_fit_epochs=1)
+    args = types.SimpleNamespace(seed=0, quiet=False, loss="ce", gate_fit_epochs=1, gate_fit_lr=0.0,
+                                 gate_fit_batch_size=512, gate_fit_negatives=16)
     experts = {k: v.clone() for k, v in pad.state_dict().items() if not k.startswith("gate.")}
-    fit_gate(pad, data, args, lr=0.0)
+    fit_gate(pad, data, args)
     got = float(capsys.readouterr().out.split("ce ")[-1])
 
     inputs, targets = split_sequences(seqs, "valid")
@@ -564,6 +610,7 @@ def test_gate_fit_ce_is_the_masked_softmax_loss_of_eq11_by_loop(capsys):
         losses.append(-torch.log_softmax(row, 0)[targets[u]])
     assert got == pytest.approx(float(torch.stack(losses).mean()), abs=1e-4)
     before = {k: v.clone() for k, v in pad.state_dict().items() if k.startswith("gate.")}
+    args.gate_fit_lr = 1e-2
     fit_gate(pad, data, args)
     after = pad.state_dict()
     assert all(torch.equal(after[k], v) for k, v in experts.items())
@@ -583,8 +630,9 @@ def test_gate_fit_bce_is_eq1_on_phi_of_eq11_by_loop(capsys):
     pad = make_pad(EXPERTS, "freq")
     g = gen(6)
     seqs = torch.stack([torch.randperm(N, generator=g)[:L + 3] + 1 for _ in range(6)])  # no repeated targets
-    args = types.SimpleNamespace(seed=3, quiet=False, loss="bce", gate_fit_epochs=1)
-    fit_gate(pad, {"seqs": seqs, "n_items": N}, args, lr=0.0, negatives=4)
+    args = types.SimpleNamespace(seed=3, quiet=False, loss="bce", gate_fit_epochs=1, gate_fit_lr=0.0,
+                                 gate_fit_batch_size=512, gate_fit_negatives=4)
+    fit_gate(pad, {"seqs": seqs, "n_items": N}, args)
     got = float(capsys.readouterr().out.split("bce ")[-1])
 
     inputs, targets = split_sequences(seqs, "valid")
@@ -594,3 +642,44 @@ def test_gate_fit_bce_is_eq1_on_phi_of_eq11_by_loop(capsys):
     pos_term = sum(math.log1p(math.exp(-float(phi[u, targets[u]]))) for u in range(len(seqs))) / len(seqs)
     neg_term = sum(math.log1p(math.exp(float(phi[u, j]))) for u in range(len(seqs)) for j in neg[u]) / neg.numel()
     assert got == pytest.approx(pos_term + neg_term, abs=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["bce", "ce"])
+@pytest.mark.parametrize("gate_kind", GATES)
+def test_gate_fit_on_validation_never_reads_the_test_column(loss, gate_kind):
+    """finetune.cross_fit_gate (--gate-fit valid, valid-only), with the text expert's scale
+    fit beside the gate: every user's test item replaced leaves the fitted parameters and the
+    cross-fitted validation ranks bit for bit the same; the validation items replaced move
+    them. Each fold's ranks are those of a gate fit on the other fold alone."""
+    import copy
+    import types
+
+    from evaluate import user_ranks
+    from finetune import cross_fit_gate, fit_gate
+
+    pad = make_pad(("id", "llm", "text"), gate_kind, seed=2)
+    g = gen(11)
+    seqs = torch.stack([torch.randperm(N, generator=g)[:L + 3] + 1 for _ in range(12)])  # distinct items per user
+    data = {"seqs": seqs, "n_items": N, "item_bucket": pad.bucket, "n_buckets": N_BUCKETS}
+    args = types.SimpleNamespace(seed=0, quiet=True, loss=loss, gate_fit_epochs=2, gate_fit_lr=0.1, gate_fit_batch_size=5,
+                                 gate_fit_negatives=4, gate_fit_folds=2, eval_batch_size=5, keep_repeated_targets=False)
+
+    def fitted(seqs):
+        model = copy.deepcopy(pad)
+        ranks = cross_fit_gate(model, {**data, "seqs": seqs}, args)
+        return ranks, {k: v for k, v in model.state_dict().items() if k.startswith("gate.") or "log_scale" in k}
+
+    ranks, params = fitted(seqs)
+    assert all(not torch.equal(v, pad.state_dict()[k]) for k, v in params.items())  # the fit moved every one
+    for column, same in ((-1, True), (-2, False)):  # the test item, then the validation item, of every user
+        other = seqs.clone()
+        for u in range(len(seqs)):  # another item outside the user's sequence
+            other[u, column] = next(i for i in range(1, N + 1) if i not in seqs[u])
+        ranks2, params2 = fitted(other)
+        moved = [k for k in params if not torch.equal(params[k], params2[k])]
+        assert (not moved and torch.equal(ranks, ranks2)) if same else moved, (column, moved)
+    folds = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(0)).chunk(2)
+    for i, fold in enumerate(folds):  # the cross-fitted ranks, fold by fold
+        model = copy.deepcopy(pad)
+        fit_gate(model, data, args, users=folds[1 - i])
+        assert torch.equal(ranks[fold], user_ranks(model, data, "valid", 5, users=fold))

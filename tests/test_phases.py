@@ -594,8 +594,14 @@ def test_gate_fit_valid_only_trains_the_gate_alone(work, dataset, phase1, phase2
     from models import model_from_checkpoint, read_checkpoint
 
     out = work / "finetune_validonly.pt"
-    r = run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", phase2[0],
-            "--gate-fit", "valid-only", "--gate-fit-epochs", "2", "--eval-batch-size", "7", "--out", out)
+    common = ["--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", phase2[0], "--gate-fit", "valid-only",
+              "--gate-fit-epochs", "2", "--eval-batch-size", "7"]
+    r = run("finetune.py", *common, "--out", work / "unused.pt", ok=False)  # a new LLM expert would stay random
+    refused(r, "--gate-fit valid-only", "--llm-init")
+    r = run("finetune.py", *common, "--experts", "id,align", "--out", out)
+    # the fit's settings are flags stored with the run: the reuse guard sees a change
+    refused(run("finetune.py", *common, "--experts", "id,align", "--gate-fit-lr", "0.5", "--out", out, ok=False),
+            "--gate-fit-lr 0.01 (now 0.5)")
     assert not re.search(r"^epoch +\d", r.stdout, re.M) and "gate fit on validation, pass 2" in r.stdout, r.stdout[-2000:]
     got = load(out)
     metrics = json.loads(out.with_suffix(".json").read_text())
