@@ -261,19 +261,45 @@ def test_printed_cosine_kernel_gives_the_negated_mmd():
     assert ours > 0 and math.isclose(printed, -ours, rel_tol=1e-10)
 
 
-def test_authors_estimate_is_ours_plus_a_constant():
-    """TLlib weighs the (2n, 2n) Gram matrix by 1/(n(n-1)) off the within-sample diagonals and
-    -1/n^2 on the cross blocks, then adds 2/(n-1) (DEVIATION: we do not add it)."""
-    n = 6
-    x, y = randn(n, 3, seed=23), randn(n, 3, seed=24)
-    weights = torch.zeros(2 * n, 2 * n, dtype=torch.float64)
-    for i in range(n):
-        for j in range(n):
+def tllib_mk_mmd(z_s, z_t):
+    """The authors' estimate, transcribed from TLlib (tllib/alignment/dan.py,
+    MultipleKernelMaximumMeanDiscrepancy(linear=False).forward with _update_index_matrix, and
+    tllib/modules/kernels.py, GaussianKernel(alpha=2 ** k) for k in range(-3, 2), as in the DAN
+    example the authors build on); nothing of mmd.py is used."""
+    features = torch.cat([z_s, z_t], dim=0)
+    batch_size = int(z_s.size(0))
+    index_matrix = torch.zeros(2 * batch_size, 2 * batch_size, dtype=features.dtype)
+    for i in range(batch_size):
+        for j in range(batch_size):
             if i != j:
-                weights[i, j] = weights[n + i, n + j] = 1 / (n * (n - 1))
-            weights[i, n + j] = weights[n + i, j] = -1 / n**2
-    tllib = (gram(torch.cat([x, y])) * weights).sum() + 2 / (n - 1)
-    assert torch.allclose(tllib, mk_mmd(x, y) + 2 / (n - 1), rtol=1e-12, atol=0)
+                index_matrix[i][j] = 1. / float(batch_size * (batch_size - 1))
+                index_matrix[i + batch_size][j + batch_size] = 1. / float(batch_size * (batch_size - 1))
+    for i in range(batch_size):
+        for j in range(batch_size):
+            index_matrix[i][j + batch_size] = -1. / float(batch_size * batch_size)
+            index_matrix[i + batch_size][j] = -1. / float(batch_size * batch_size)
+    kernel_matrix = 0
+    for alpha in (2. ** k for k in range(-3, 2)):
+        l2_distance_square = ((features.unsqueeze(0) - features.unsqueeze(1)) ** 2).sum(2)
+        sigma_square = alpha * torch.mean(l2_distance_square.detach())
+        kernel_matrix = kernel_matrix + torch.exp(-l2_distance_square / (2 * sigma_square))
+    # Add 2 / (n-1) to make up for the value on the diagonal (TLlib's comment)
+    return (kernel_matrix * index_matrix).sum() + 2. / float(batch_size - 1)
+
+
+@pytest.mark.parametrize("n,constant", [(3, 1.0), (6, 0.4), (11, 0.2)])
+def test_authors_estimate_is_ours_plus_a_constant(n, constant):
+    """DEVIATION (mmd2_unbiased): the authors' TLlib estimate is ours plus the constant 2/(n-1)
+    (here 1, 0.4, 0.2), with the same gradient: against a transcription of TLlib's code, so a
+    wrong kernel, bandwidth or weighting in ours, or a wrong constant here, fails."""
+    x, y = randn(n, 3, seed=23), randn(n, 3, seed=24) + 0.5
+    x_ours, y_ours = x.clone().requires_grad_(), y.clone().requires_grad_()
+    x_tllib, y_tllib = x.clone().requires_grad_(), y.clone().requires_grad_()
+    ours, tllib = mk_mmd(x_ours, y_ours), tllib_mk_mmd(x_tllib, y_tllib)
+    assert math.isclose(tllib.item() - ours.item(), constant, rel_tol=1e-9, abs_tol=1e-12)
+    (ours + tllib).backward()
+    assert torch.allclose(x_ours.grad, x_tllib.grad, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(y_ours.grad, y_tllib.grad, rtol=1e-9, atol=1e-12)
 
 
 # --- InfoNCE (Eq. 16) ---------------------------------------------------------------------
