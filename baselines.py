@@ -21,7 +21,7 @@ trained with the shared loop of trainer.py (same data, negatives, early stopping
 SASRec is pretrain.py and SMEM is align.py --gamma 0 then finetune.py (experiments.py runs
 both). Writes runs/NAME/baseline_METHOD_BACKBONE_seedS.pt and a metrics .json beside it
 (CTRL also its stage-1 table, OUT.stage1.pt). The choices each baseline pins down where the
-paper is brief are in results/README.md.
+paper is brief are in results/experiments.md.
 """
 import argparse
 from pathlib import Path

@@ -53,7 +53,7 @@ from models import model_from_checkpoint, read_checkpoint
 from trainer import AUTHORS_INFONCE_WEIGHT, PRESETS
 
 EXPERIMENTS = ("table2", "table3", "fig2", "fig3", "fig4", "fig5", "fig6", "deviations", "verdict", "screen")
-TEXT_FIX = {"text_norm": "standard", "text_layers": 0}  # the text-path screen's f_MLP (results/README.md)
+TEXT_FIX = {"text_norm": "standard", "text_layers": 0}  # the text-path screen's f_MLP (experiments.py screen)
 # the text-path recipe (beyond the paper): CE, the standardised one-layer f_MLP, the LLM expert
 # from the CE MoRec, the experts as phases 1-2 left them and the gate fit on validation
 RECIPE = {"loss": "ce", "text": TEXT_FIX, "llm_init": True, "gate_fit": "valid-only"}
@@ -208,7 +208,7 @@ def groups(exp, plan, seeds):
               **{m: per_seed(lambda s, m=m: plan.baseline(s, m.lower())) for m in ("Hybrid", "MoRec", "CTRL", "MAKE", "DisCo")},
               "SMEM": per_seed(lambda s: plan.finetune(s, ("gaussian", "rec", 0.0))),
               "PAD": per_seed(plan.finetune),
-              # beyond the paper: the text path's screen (results/README.md), f_MLP on the standardised
+              # beyond the paper: the text path's screen (experiments.py screen), f_MLP on the standardised
               # table with one linear layer, with the paper's BCE and with the full-softmax CE
               "MoRec (std f_MLP)": per_seed(lambda s: plan.baseline(s, "morec", text=TEXT_FIX)),
               "PAD (std f_MLP)": per_seed(lambda s: plan.finetune(s, text=TEXT_FIX)),

@@ -50,8 +50,8 @@ def main():
                         "paper): after that, the gate alone is refit on the validation targets, experts frozen, "
                         "because on training data the memorised ID expert always wins; valid-only (beyond the paper): "
                         "no training on the training data, the experts keep the weights phases 1-2 and --llm-init gave "
-                        "them and the gate is fit on the validation targets alone; measured with --loss ce (with bce "
-                        "the refit collapsed onto one expert: results/README.md)")
+                        "them and the gate is fit on the validation targets alone (--llm-init needed for an LLM expert); "
+                        "either way the run's validation score is cross-fitted (--gate-fit-folds)")
     p.add_argument("--gate-fit-epochs", type=int, default=5, help="--gate-fit valid: passes over the validation users")
     p.add_argument("--gate-fit-lr", type=float, default=1e-2, help="--gate-fit valid: Adam's learning rate")
     p.add_argument("--gate-fit-batch-size", type=int, default=512, help="--gate-fit valid: validation users per step")
