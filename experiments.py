@@ -566,8 +566,9 @@ def comparisons(runs, t, with_controls):
     over the seeds. runs: {label: [Run]}; t: {label: [row]}."""
     pairs = [(RECIPE_LABEL, c, why) for c, why in CONTROLS.items() if with_controls and c in t and RECIPE_LABEL in t]
     for ours in (RECIPE_LABEL, "PAD"):
-        if ours in t and len(t) > 1:
-            pairs.append((ours, significance(t, ours)[0], "against the best other row"))
+        best = significance(t, ours)[0] if ours in t and len(t) > 1 else None
+        if best and (ours, best) not in [(a, b) for a, b, _ in pairs]:  # a control may be the best other row
+            pairs.append((ours, best, "against the best other row"))
     out = []
     for a, b, why in pairs:
         c = {"a": a, "b": b, "measures": why}
@@ -604,17 +605,22 @@ def verdict_md(t, summary):
     return md
 
 
+SHORT = {RECIPE_LABEL: "the recipe", **dict(zip(CONTROLS, ("the stack", "the stack + text-kNN", "the recipe with γ = 0",
+                                             "the recipe with --gate none"))),
+         "PAD": "the paper's PAD"}  # the labels as results/README.md's sentences name them
+
+
 def verdicts_md(comps, name):
     """One sentence per comparison for results/README.md: the difference and whether its
     interval over users excludes 0."""
     lines = []
     for c in comps:
         h, n = c["HR@10"], c["nDCG@10"]
-        sign = ("above" if n["ci95"][0] > 0 else "below" if n["ci95"][1] < 0 else "level with")
-        lines.append(f"- {c['measures'][0].upper() + c['measures'][1:]} ({c['a']} − {c['b']}): "
+        sign = "lies above 0" if n["ci95"][0] > 0 else "lies below 0" if n["ci95"][1] < 0 else "contains 0"
+        lines.append(f"- {c['measures'][0].upper() + c['measures'][1:]} ({SHORT.get(c['a'], c['a'])} − {SHORT.get(c['b'], c['b'])}): "
                      f"HR@10 {h['difference']:+.2f} [{h['ci95'][0]:+.2f}, {h['ci95'][1]:+.2f}], nDCG@10 "
-                     f"{n['difference']:+.2f} [{n['ci95'][0]:+.2f}, {n['ci95'][1]:+.2f}]: {sign} on nDCG@10 "
-                     f"(95% over {n['users']} users; p over seeds {c['p_seeds_nDCG@10']:.2g}).")
+                     f"{n['difference']:+.2f} [{n['ci95'][0]:+.2f}, {n['ci95'][1]:+.2f}]; the nDCG@10 interval "
+                     f"({n['users']} users) {sign}, p over seeds {c['p_seeds_nDCG@10']:.2g}.")
     return "\n".join(lines)
 
 

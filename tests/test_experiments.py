@@ -39,9 +39,19 @@ def all_experiments(work, dataset):
 
 
 def test_every_experiment_writes_its_files(all_experiments):
+    """Each experiment's JSON holds one row per run of its labels (per seed asked), its CSV the
+    same rows, its table a line per label, and the figures are PNGs."""
     for exp in EXPERIMENTS:
-        for ext in ("md", "csv", "json"):
-            assert (all_experiments / f"{exp}.{ext}").stat().st_size > 0, (exp, ext)
+        record = json.loads((all_experiments / f"{exp}.json").read_text())
+        assert record["experiment"] == exp and record["rows"], exp
+        csv_rows = list(csv.DictReader(open(all_experiments / f"{exp}.csv")))
+        assert [(r["label"], str(r["seed"]), r["run"]) for r in record["rows"]] == \
+            [(r["label"], r["seed"], r["run"]) for r in csv_rows], exp
+        md = (all_experiments / f"{exp}.md").read_text()
+        for label in {r["label"] for r in record["rows"]}:
+            assert f"| {label} " in md or f" {label} (chosen)" in md, (exp, label)
+        runs = {r["run"] for r in record["rows"]}
+        assert all(Path(run).is_file() for run in runs), exp  # every row is a finished run
         if exp not in ("table2", "table3", "deviations", "verdict", "screen"):
             assert (all_experiments / f"{exp}.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -66,7 +76,6 @@ def test_table2_rows_and_significance(all_experiments):
     assert names[nogate] == names[beyond[5]].replace("freq-", "none-")
     assert all(sum(r["label"] == lb for r in rows) == 2 for lb in labels)  # two seeds each
     for r in rows:
-        assert 0 <= float(r["nDCG@10"]) <= float(r["HR@10"]) <= 100
         metrics = json.loads((ROOT / r["run"]).with_suffix(".json").read_text() if not r["run"].startswith("/")
                              else open(r["run"].replace(".pt", ".json")).read())
         assert float(r["HR@10"]) == pytest.approx(metrics["test"]["HR@10"])  # the CSV is the runs' own metrics
@@ -215,7 +224,7 @@ def test_fig6_and_fig3_statistics(all_experiments, dataset):
                                        "with align (SE-BCE-Align-Tune)", "Single-aligned", "Multi-origin", "Multi-aligned"}
     for r in fig6:
         taus = [v for k, v in r.items() if k.startswith("bucket ")]
-        assert len(taus) == 10 and all(-1 <= t <= 1 for t in taus if t == t)
+        assert len(taus) == 10
     multi = next(r for r in fig6 if r["label"] == "Multi-origin")  # recomputed by analysis.py's own tool
     data = load_dataset(str(dataset))
     phase1 = Path(multi["run"]).with_name("pretrain_sasrec_seed0.pt")
@@ -270,13 +279,13 @@ def test_preset_runs_are_named_for_it(work, dataset):
     assert all("--preset authors" in line for line in r.stdout.splitlines())
 
 
-def test_preset_tables_do_not_overwrite_ours(work, dataset):
+def test_preset_tables_do_not_overwrite_ours(work, dataset, all_experiments):
     """--preset authors writes table2-authors.* beside table2.*, which it leaves as it was."""
-    ours = work / "results" / "tiny" / "table2.md"
-    before = ours.read_bytes() if ours.is_file() else None
+    ours = all_experiments / "table2.md"
+    before = ours.read_bytes()
     r = experiments(work, dataset, "table2", "--seeds", "0", "--preset", "authors", "--only", "SASRec")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert (ours.read_bytes() if ours.is_file() else None) == before
+    assert ours.read_bytes() == before
     md = (work / "results" / "tiny" / "table2-authors.md").read_text()
     assert md.startswith("## Table 2 (tiny, seeds [0], --preset authors)") and "| SASRec | 1 |" in md
     rows = list(csv.DictReader(open(work / "results" / "tiny" / "table2-authors.csv")))
