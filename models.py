@@ -9,6 +9,7 @@ Shapes: B = batch of users, L = input window (20), d = hidden size (128), N = nu
 items (ids 1..N, 0 is padding), K = number of experts, d_text = text embedding size.
 Every model exposes the same calls, used by the phase scripts, evaluate.py and serve.py:
     bce_logits(seq, pos, neg)   -> (pos_logits, neg_logits), both (B, L)   # Eq. (1) / (6)
+    states(seq), logits_of(h, ids) -> the logits (B, L, C) of C items at every position (--loss ce)
     item_tables()               -> K x (N+1, d) item representations, one per expert
     full_scores(seq, tables)    -> (B, N+1) scores of every item after the last position
 """
@@ -282,6 +283,14 @@ class Expert(nn.Module):
         table = self.items(torch.arange(self.n_items + 1, device=seq.device))  # (N+1, d), with gradient
         return self(seq) @ table.T
 
+    def states(self, seq):
+        return self(seq)  # (B, L, d): h, what logits_of reads
+
+    def logits_of(self, h, ids):
+        """Logits of the items `ids` (C,) at every position of the states h = states(seq): (B, L, C),
+        all_logits' columns `ids`; trainer.chunked_ce_loss calls it on chunks of the N items."""
+        return h @ self.items(ids).T  # (B, L, C)
+
     def full_scores(self, seq, tables=None, per_bucket=False):
         """Scores of every item after the last position, (B, N+1); tables: item_tables(),
         computed once and passed in when many batches of users are scored. (per_bucket is
@@ -451,7 +460,7 @@ class PAD(nn.Module):
     def __init__(self, experts, gate, item_bucket, n_buckets):
         super().__init__()
         self.experts = nn.ModuleDict(experts)  # name -> Expert, in order id, align, llm
-        self.gate, self.n_buckets = gate, n_buckets
+        self.gate, self.n_buckets, self.n_items = gate, n_buckets, len(item_bucket) - 1
         self.register_buffer("bucket", item_bucket, persistent=False)  # (N+1,) b(i)
 
     def states(self, seq):
@@ -485,10 +494,13 @@ class PAD(nn.Module):
         """Phi of every item at every position, (B, L, N+1), for trainer.py's --loss ce; the gate
         is evaluated once per bucket (per_bucket), so memory is K x (B, L, N+1), not a
         (B, L, N+1, K) gate and its softmax."""
-        ids = torch.arange(len(self.bucket), device=seq.device)  # (N+1,)
-        h = self.states(seq)  # K x (B, L, d)
-        o = [h_k @ e.items(ids).T for h_k, e in zip(h, self.experts.values())]  # K x (B, L, N+1)
-        return self.fuse(o, [h_k[:, :, None] for h_k in h], self.bucket.expand(*seq.shape, -1), per_bucket=True)
+        return self.logits_of(self.states(seq), torch.arange(len(self.bucket), device=seq.device))
+
+    def logits_of(self, h, ids):
+        """Phi of the items `ids` (C,) at every position of the states h = states(seq), K x (B, L, d):
+        (B, L, C), all_logits' columns `ids` (trainer.chunked_ce_loss calls it on chunks of the N items)."""
+        o = [h_k @ e.items(ids).T for h_k, e in zip(h, self.experts.values())]  # K x (B, L, C)
+        return self.fuse(o, [h_k[:, :, None] for h_k in h], self.bucket[ids].expand(*o[0].shape), per_bucket=True)
 
     def full_scores(self, seq, tables=None, per_bucket=False):
         """Phi for every item after the last position, (B, N+1); tables: item_tables()."""

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from dataset import atomic_save, atomic_write_text, load_dataset, split_sequences
@@ -57,9 +58,7 @@ def add_training_args(p):
     p.add_argument("--batch-size", type=int, default=128, help="users per mini-batch; paper: 16 (Appendix A)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (not given in the paper); "
                    "pretrain.py with --backbone gru4rec defaults to 3e-3")
-    p.add_argument("--loss", default="bce", choices=("bce", "ce"),
-                   help="L_REC: bce, Eq. (1) with one sampled negative per position (paper); ce, softmax "
-                        "cross-entropy over all N items (beyond the paper: the strong baseline)")
+    add_loss_args(p)
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay; paper: 0.1 (Appendix A)")
     # DEVIATION: early stopping on validation nDCG@10 with patience 10 (Appendix A gives the early-stop
     # epoch 10, no metric), testing the best epoch; the authors' release watches HR@10 with patience
@@ -85,6 +84,17 @@ def add_training_args(p):
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from OUT.last.pt (weights, AdamW and RNG state after its latest "
                         "epoch; removed when a run finishes) with the same flags; --epochs may change")
+
+
+def add_loss_args(p):
+    """L_REC's flags (the phase scripts and benchmarks/bench.py)."""
+    p.add_argument("--loss", default="bce", choices=("bce", "ce"),
+                   help="L_REC: bce, Eq. (1) with one sampled negative per position (paper); ce, softmax "
+                        "cross-entropy over all N items (beyond the paper: the strong baseline)")
+    p.add_argument("--ce-chunk", type=int, default=0,
+                   help="--loss ce over chunks of this many items, each chunk's logits recomputed in backward: memory "
+                        "O(B x L x chunk) instead of O(B x L x N), the same loss up to float rounding (e.g. 2048 at "
+                        "Electronics' 423k items: benchmarks/README.md); 0: all N items at once")
 
 
 def add_speed_args(p):
@@ -270,20 +280,52 @@ def ce_loss(logits, pos, mask):
     return F.cross_entropy(logits[..., 1:].float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
+def chunked_ce_loss(model, seq, pos, mask, chunk):
+    """--loss ce --ce-chunk C: ce_loss without the (B, L, N+1) logits. Over chunks c of C items
+    (1..N, padding left out), log sum_i exp(Phi_i) = logsumexp_c(logsumexp_{i in c} Phi_i), and
+    the target's logit is read in the chunk that holds it. Each chunk runs inside
+    torch.utils.checkpoint, which keeps only its two (B, L) results and recomputes its logits
+    in backward: memory O(B x L x C) in forward and backward instead of O(B x L x N); the loss
+    and gradients are ce_loss's up to float rounding (in training, f_MLP's dropout draws a mask
+    per chunk: other masks, the same law). model: any with states and logits_of (models.py)."""
+    h = model.states(seq)  # (B, L, d), or PAD's K x (B, L, d)
+    ids = torch.arange(1, model.n_items + 1, device=seq.device)  # (N,) items 1..N
+
+    def chunk_stats(h, ids):
+        logits = model.logits_of(h, ids).float()  # (B, L, C)
+        at = pos - ids[0]  # (B, L) the target's column in this chunk, when 0 <= at < C
+        target = logits.gather(-1, at.clamp(0, len(ids) - 1)[..., None])[..., 0]  # (B, L)
+        return torch.logsumexp(logits, -1), torch.where((at >= 0) & (at < len(ids)), target, 0.0)  # (B, L) each
+
+    # backward recomputes a chunk outside trainer.step_context: re-enter --fast-dropout there, so that
+    # f_MLP's dropout draws the forward's masks (checkpoint restores the RNG state and autocast itself)
+    fast = any(isinstance(mode, FastDropout) for mode in _get_current_function_mode_stack())
+    replay = {"context_fn": lambda: (contextlib.nullcontext(), FastDropout())} if fast else {}
+    stats = [checkpoint(chunk_stats, h, ids[i:i + chunk], use_reentrant=False, **replay)
+             for i in range(0, len(ids), chunk)]
+    lse = torch.logsumexp(torch.stack([s[0] for s in stats]), 0)  # (B, L) log of the softmax's denominator
+    target = torch.stack([s[1] for s in stats]).sum(0)  # (B, L) Phi of the next item
+    w = mask.float()  # padding positions weigh 0, as ce_loss's ignore_index
+    return ((lse - target) * w).sum() / w.sum()
+
+
 class PhaseLoss(nn.Module):
     """One batch's training loss: L_REC unless use_rec_loss is False, plus the phase's
     extra_loss(model, seq, pos) -> (term, {name: value to log}). L_REC is the BCE of Eq. (1) /
-    (6) with the sampled negatives, or with rec_loss="ce" the full-softmax cross-entropy. A
-    module because DistributedDataParallel all-reduces the gradients of what its forward
-    computed. Returns (loss, {name: value to log})."""
+    (6) with the sampled negatives, or with rec_loss="ce" the full-softmax cross-entropy (over
+    chunks of ce_chunk items when it is > 0). A module because DistributedDataParallel
+    all-reduces the gradients of what its forward computed. Returns (loss, {name: value to log})."""
 
-    def __init__(self, model, extra_loss, use_rec_loss, rec_loss="bce"):
+    def __init__(self, model, extra_loss, use_rec_loss, rec_loss="bce", ce_chunk=0):
         super().__init__()
         self.model, self.extra_loss, self.use_rec_loss, self.rec_loss = model, extra_loss, use_rec_loss, rec_loss
+        self.ce_chunk = ce_chunk
 
     def forward(self, seq, pos, neg, mask):
         with torch.set_grad_enabled(self.use_rec_loss):  # L_REC is logged even when not trained on
-            if self.rec_loss == "ce":
+            if self.rec_loss == "ce" and self.ce_chunk > 0:
+                rec = chunked_ce_loss(self.model, seq, pos, mask, self.ce_chunk)
+            elif self.rec_loss == "ce":
                 rec = ce_loss(self.model.all_logits(seq), pos, mask)
             else:
                 rec = bce_loss(*self.model.bce_logits(seq, pos, neg), mask)
@@ -298,7 +340,8 @@ class PhaseLoss(nn.Module):
 
 # flags that may differ between two runs with the same output: they do not change the weights
 # (the data is compared by its fingerprint, not by the name it was given)
-SAME_RUN_FREE = ("resume", "quiet", "out", "overwrite", "threads", "eval_batch_size", "data", "preset")
+# (--ce-chunk: the same loss up to float rounding, as --threads: a run out of memory may resume in chunks)
+SAME_RUN_FREE = ("resume", "quiet", "out", "overwrite", "threads", "eval_batch_size", "ce_chunk", "data", "preset")
 RESUME_FREE = (*SAME_RUN_FREE, "epochs")
 
 
@@ -477,7 +520,7 @@ def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
     # on CUDA the (U, L) tables go to the GPU once, from pinned memory; batches are indexed there
     on_device = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" else (lambda t: t)
     batch_in, batch_pos, batch_real, batch_items = (on_device(t) for t in (train_in, train_pos, real, train_items))
-    step_loss = PhaseLoss(model, extra_loss, use_rec_loss, args.loss)
+    step_loss = PhaseLoss(model, extra_loss, use_rec_loss, args.loss, args.ce_chunk)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         # the frozen text table and the buckets are equal on every rank: never broadcast them per step

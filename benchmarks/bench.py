@@ -5,16 +5,21 @@
     python benchmarks/bench.py --data synthetic-electronics --phases 3 --eval-users 2048
     python benchmarks/bench.py --data pantry --figures train --phases 1,3 --threads 1 \
         --precision bf16 --fast-dropout --baseline
+    python benchmarks/bench.py --data synthetic-electronics --figures train --phases 1 --loss ce --ce-chunk 2048
 
 Figures (each line: {"figure", "value", "unit", "dataset", "device", "threads", ...}):
   negatives    seconds of trainer.fit's per-epoch draw of negatives for every user;
   train        sequences (users) per second of --steps training steps of each phase, each as in
                trainer.fit: its real loss (trainer.PhaseLoss; phase 2 adds align.mmd_term),
                backward and AdamW, with the phase scripts' --precision, --fast-dropout and
-               --compile (`flags`); the batches' negatives are drawn beforehand;
+               --compile (`flags`) and their --loss, --ce-chunk; the batches' negatives are
+               drawn beforehand;
   speedup      with --baseline: the default path's time over the flags' path's, timed in the same
                process in alternating blocks, median over --rounds with its min and max;
-  train_peak   peak memory of the draw and the steps (CPU: resident set, CUDA: allocated);
+  train_peak   peak memory of the draw and the steps (CPU: resident set, CUDA: allocated), and
+               above_start_mib: that peak less what was in use before them (the model, AdamW's
+               state, the step's activations and loss; on CPU run with MALLOC_MMAP_THRESHOLD_=1048576
+               so that freed tensors leave the resident set: benchmarks/README.md);
   eval         users per second of evaluate.evaluate(), full ranking of the test split over
                all N items (the first --eval-users users, default all), and its peak memory;
   serve        latency of the top-10 items for a batch of users with the item tables cached
@@ -40,8 +45,8 @@ from dataset import history_before_target, load_dataset, split_sequences  # noqa
 from evaluate import evaluate  # noqa: E402
 from models import EXPERTS, build_model, model_from_checkpoint, read_checkpoint  # noqa: E402
 from serve import top_items  # noqa: E402
-from trainer import (PhaseLoss, adamw, add_speed_args, compile_loss, resolve_device, sample_negatives,  # noqa: E402
-                     step_context)
+from trainer import (PhaseLoss, adamw, add_loss_args, add_speed_args, compile_loss, resolve_device,  # noqa: E402
+                     sample_negatives, step_context)
 
 
 # --- Measuring: peak memory and wall time -------------------------------------------------
@@ -66,6 +71,16 @@ def peak_mb(device):
         hwm = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
         return int(hwm.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_use_mb(device):
+    """Memory in use now, in MiB: CUDA allocated, else the resident set (Linux VmRSS; 0 elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2 ** 20
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return 0.0
+    return int(next(line for line in status.read_text().splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
 
 
 def clock(device):
@@ -109,7 +124,7 @@ def train_step(phase, data, args, device, speed):
     model = phase_model(phase, data, args).to(device).train()
     extra = mmd_term(argparse.Namespace(kernel="gaussian", gamma=0.1, anchor="rec", mmd_sample=512, mmd_rows="items")) \
         if phase == 2 else None
-    loss_fn = compile_loss(PhaseLoss(model, extra, use_rec_loss=True), speed)
+    loss_fn = compile_loss(PhaseLoss(model, extra, True, args.loss, args.ce_chunk), speed)
     opt = adamw(model.parameters(), argparse.Namespace(lr=1e-3, weight_decay=0.1, **vars(speed)))
 
     def step(batch):
@@ -141,6 +156,7 @@ def train_figures(phase, data, args, device, emit):
     (new, old, old, new, ...) for --rounds rounds: the speed-up is old time / new time per round."""
     speed = argparse.Namespace(**{k: getattr(args, k) for k in ("precision", "fast_dropout", "compile")})
     reset_peak(device)
+    start_mib = in_use_mb(device)
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(0)
     train_pos = split_sequences(data["seqs"], "train")[1]
@@ -161,13 +177,16 @@ def train_figures(phase, data, args, device, emit):
     flags = {"new": speed_flags(speed), "old": ""}
     for name, s in seconds.items():
         emit("train", args.steps * args.batch_size / statistics.median(s), "sequences/s", phase=phase, steps=args.steps,
-             batch_size=args.batch_size, flags=flags[name], **({"rounds": len(s)} if args.baseline else {}))
+             batch_size=args.batch_size, flags=flags[name], loss=args.loss, ce_chunk=args.ce_chunk,
+             **({"rounds": len(s)} if args.baseline else {}))
     if args.baseline:
         ratios = [old / new for old, new in zip(seconds["old"], seconds["new"])]
         emit("speedup", statistics.median(ratios), "x", phase=phase, min=round(min(ratios), 4), max=round(max(ratios), 4),
              rounds=args.rounds, steps=args.steps, batch_size=args.batch_size, flags=flags["new"],
              baseline="the default path: eager, foreach AdamW, float32 on CPU (bf16 autocast on CUDA)")
-    emit("train_peak", peak_mb(device), "MiB", phase=phase, steps=args.steps, batch_size=args.batch_size)
+    peak = peak_mb(device)
+    emit("train_peak", peak, "MiB", phase=phase, steps=args.steps, batch_size=args.batch_size, loss=args.loss,
+         ce_chunk=args.ce_chunk, above_start_mib=round(peak - start_mib, 1))
 
 
 def eval_figures(model, phase, data, args, device, emit):
@@ -226,6 +245,7 @@ def main():
     p.add_argument("--steps", type=int, default=20, help="timed training steps per phase")
     p.add_argument("--warmup", type=int, default=3, help="untimed training steps before them (with --compile: compiling)")
     add_speed_args(p)
+    add_loss_args(p)
     p.add_argument("--baseline", action="store_true",
                    help="also time the default path (eager, foreach AdamW, float32 on CPU) in the same process, in "
                         "blocks alternating with the flags' path, and print the speed-up with its spread")

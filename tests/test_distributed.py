@@ -1,8 +1,8 @@
 """Multi-process training with PyTorch DDP, as a user launches it on several GPUs, here on
 CPU with the gloo backend: each phase script under `torchrun --nproc_per_node 2` finishes,
 rank 0 alone writes one checkpoint, and both ranks end with the same weights (their
-checksums are printed, each rank to its own log file). The user shards are checked to partition
-every epoch's users."""
+checksums are printed, each rank to its own log file), also with --loss ce --ce-chunk (chunks
+recomputed in backward under DDP). The user shards are checked to partition every epoch's users."""
 import os
 import re
 import subprocess
@@ -86,3 +86,12 @@ def test_a_two_stage_baseline_under_torchrun(tmp_path):
     torchrun("baselines.py", "--data", tmp_path / "ddp", "--method", "ctrl", "--ctrl-epochs", "2", "--hidden-size", "16",
              "--n-blocks", "1", *TRAIN, "--out", tmp_path / "ctrl.pt")
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["ctrl.json", "ctrl.pt", "ctrl.stage1.pt"]
+
+
+def test_chunked_ce_under_torchrun(tmp_path):
+    """--loss ce --ce-chunk: each chunk's logits are recomputed in backward (torch.utils.checkpoint)
+    while DDP all-reduces the gradients; both ranks still end with equal weights."""
+    atomic_save(make_dataset("ddp", 40, 30, 500, 32), tmp_path / "ddp" / "dataset.pt")
+    torchrun("pretrain.py", "--data", tmp_path / "ddp", "--loss", "ce", "--ce-chunk", 7, "--hidden-size", "16",
+             "--n-blocks", "1", *TRAIN, "--out", tmp_path / "p1.pt")
+    assert torch.load(tmp_path / "p1.pt", weights_only=True)["args"]["ce_chunk"] == 7

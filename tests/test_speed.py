@@ -1,9 +1,9 @@
 """Tests of the training step's speed flags (trainer.add_speed_args): the steps of phases 1 and 3
-trace whole with static shapes, and fit reads nothing back from the device per step (what a
-CUDA graph needs); the compiled step gives the
-eager step's loss and weights, also after a --resume-style load; a failed compile trains eagerly
-after one note; --precision bf16 trains under bf16 autocast on a CPU while evaluation stays float32
-(a default run keeps float32 and foreach AdamW), and resumes as an uninterrupted run; the masks of
+(BCE, CE and chunked CE) trace whole with static shapes, and fit reads nothing back from the
+device per step (what a CUDA graph needs); the compiled step gives the eager step's loss and
+weights, also after a --resume-style load; a failed compile trains eagerly after one note;
+--precision bf16 trains under bf16 autocast on a CPU while evaluation stays float32 (a default
+run keeps float32 and foreach AdamW), and resumes as an uninterrupted run; the masks of
 --fast-dropout have dropout's law, and its attention equals torch's scaled_dot_product_attention
 with the same mask; bench.py --baseline prints the speed-up with its spread."""
 import argparse
@@ -110,11 +110,13 @@ def test_compiled_step_gives_the_eager_loss_and_parameters(capsys):
     assert torch.allclose(compiled_fn(*batch(1))[0], eager_fn(*batch(1))[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("model, loss", [("id", "bce"), ("id", "ce"), ("pad", "bce"), ("pad", "ce")])
-def test_phase_1_and_3_steps_trace_whole_as_one_graph(model, loss):
+@pytest.mark.parametrize("model, loss, ce_chunk", [("id", "bce", 0), ("id", "ce", 0), ("id", "ce", 7),
+                                                   ("pad", "bce", 0), ("pad", "ce", 0), ("pad", "ce", 7)])
+def test_phase_1_and_3_steps_trace_whole_as_one_graph(model, loss, ce_chunk):
     """Dynamo traces the whole step (fullgraph=True fails on a graph break) and every tensor in
     it has a static shape (a boolean index would give an unbacked size), so reduce-overhead can
-    capture it as one CUDA graph."""
+    capture it as one CUDA graph; --ce-chunk's checkpointed chunks too (a chunk of 7 leaves a
+    shorter last one: its shape is static as well)."""
     sizes = set()
 
     def static_shapes(graph, inputs):
@@ -125,7 +127,7 @@ def test_phase_1_and_3_steps_trace_whole_as_one_graph(model, loss):
         return graph.forward
 
     net = tiny_expert() if model == "id" else make_pad(["id", "align", "llm"], "freq")
-    step = PhaseLoss(net.eval(), None, True, loss)
+    step = PhaseLoss(net.eval(), None, True, loss, ce_chunk)
     traced = torch.compile(step, backend=static_shapes, fullgraph=True, dynamic=False)
     assert torch.allclose(traced(*batch())[0], step(*batch())[0], rtol=1e-6)
     assert sizes == {int}
