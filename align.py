@@ -20,26 +20,44 @@ from trainer import add_text_args, add_training_args, finish, fit, is_main_proce
 ANCHORS = ("rec", "none", "frozen")
 
 
+def mmd_rows(seq, pos, neg, rows, sample):
+    """The rows of the MMD in a batch, a fixed number S of slots with a mask of the real ones,
+    so that a compiled step has one shape for every batch: (item ids (S,), real (S,) bool).
+
+    rows "items": the slots of the batch windows seq (B, L), real where not padding; "batch":
+    every slot (window, last target, negatives), padding included, all real. Above `sample`
+    slots, S = sample: a uniform random subset of min(n_real, sample) real rows, padded with
+    slots of weight 0, the rows that a random subset of the n_real real rows alone would give."""
+    if rows == "items":
+        # DEVIATION: the batch's real behaviour items; the authors' release feeds every slot
+        # (window, last target, negatives, padding): --mmd-rows batch
+        items = seq.flatten()  # (B·L,)
+        real = items != 0  # padding slots weigh 0 in the MMD
+    else:
+        items = torch.cat([seq, pos[:, -1:], neg], 1).flatten()  # (B·(2L+1),) every slot, padding 0 included
+        real = torch.ones_like(items, dtype=torch.bool)
+    if len(items) > sample:
+        # DEVIATION: a random subset of --mmd-sample rows keeps the 2S x 2S kernel matrix small.
+        # The `sample` smallest of uniform keys, a padding slot keyed after every real one: with
+        # n_real >= sample a uniform random subset of the real rows, else all of them
+        keys = torch.rand(len(items), dtype=torch.float64, device=items.device).masked_fill(~real, 2.0)  # (B·L,)
+        keep = keys.topk(sample, largest=False).indices  # (S,)
+        items, real = items[keep], real[keep]
+    return items, real
+
+
 def mmd_term(args):
     """The extra loss of phase 2 for fit(): (model, seq, pos, neg) -> (γ · MMD, {kernel: MMD})."""
 
     # --- Eq. (4)-(5): L = L_REC + γ · D_k²({h^s}_a, {h^c}_a) over the batch's items ---
     def term(model, seq, pos, neg):
-        if args.mmd_rows == "items":
-            # DEVIATION: the batch's real behaviour items; the authors' release feeds every slot
-            # (window, last target, negatives, padding): --mmd-rows batch
-            items = seq[seq != 0]  # (n,)
-        else:
-            items = torch.cat([seq, pos[:, -1:], neg], 1).flatten()  # (n,) every slot, padding 0 included
-        if len(items) > args.mmd_sample:
-            # DEVIATION: a random subset of --mmd-sample rows keeps the 2n x 2n kernel matrix small
-            items = items[torch.randperm(len(items), device=items.device)[:args.mmd_sample]]
-        h_c, h_s = model.items.parts(items)  # (n, d) each
+        items, real = mmd_rows(seq, pos, neg, args.mmd_rows, args.mmd_sample)  # (S,) each
+        h_c, h_s = model.items.parts(items)  # (S, d) each
         if args.anchor == "frozen":
             h_c = h_c.detach()  # SG(D_rec): the collaborative side is not moved by the MMD
         with torch.autocast(items.device.type, enabled=False):  # kernels in float32, also under bf16 autocast
             tau = {"tau": args.tau} if args.kernel == "infonce" else {}
-            mmd = alignment_loss(args.kernel, h_s.float(), h_c.float(), **tau)
+            mmd = alignment_loss(args.kernel, h_s.float(), h_c.float(), mask=real, **tau)
         return args.gamma * mmd, {args.kernel: mmd}
 
     return term

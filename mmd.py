@@ -5,6 +5,10 @@
     sample -> unbiased squared MMD (Eq. 2) = L_MK-MMD (Eq. 5); InfoNCE (Eq. 16);
     alignment_loss(): the `--kernel` flag of align.py.
 
+Masks: mk_mmd and info_nce also take a fixed number of rows with a bool mask of the real ones
+(align.py's padded slots: one shape for every batch, so a compiled step does not recompile); a
+padding row weighs 0 in every sum and in the bandwidth: the loss is that of the real rows alone.
+
 Shapes: x (n, d) and y (m, d) are the two samples, one embedding per row (in align.py the
 reduced text embeddings {h^s}_a and the ID embeddings {h^c}_a); z = [x; y] (N, d), N = n + m,
 is the pooled sample; K = number of kernels (the paper's m in Eq. 3, here 5).
@@ -60,17 +64,22 @@ def l1_distances(a, b):
 
 
 @torch.no_grad()
-def bandwidths(dist, multipliers=SIGMA):
+def bandwidths(dist, multipliers=SIGMA, w=None):
     """sigma_u^2 = 2^{s_u} * mean(dist), one per multiplier s_u; (K,), outside the graph.
 
     dist is the (N, N) distance matrix of the pooled sample, diagonal included in the mean
     (TLlib). The bandwidth is a statistic of the batch, not a path for the gradient: the
     loss cannot lower itself by stretching sigma. Under P = Q it keeps the estimator of
     mmd2_unbiased exactly unbiased, since a symmetric function of the pooled sample treats
-    within- and cross-sample pairs alike."""
+    within- and cross-sample pairs alike.
+
+    w (N,): 0/1 row weights (None: all 1). The mean is over the pairs of rows of weight 1,
+    sum_ij w_i w_j dist_ij / (sum_i w_i)^2: padding rows (weight 0) do not move sigma."""
     s = torch.as_tensor(multipliers, dtype=dist.dtype, device=dist.device)  # (K,)
+    w = torch.ones(len(dist), dtype=dist.dtype, device=dist.device) if w is None else w.to(dist.dtype)  # (N,)
+    mean = (w @ dist @ w) / w.sum().square().clamp_min(1)
     # a sample collapsed to one point has mean 0: keep sigma > 0, so k = exp(-0) = 1, not 0/0
-    return 2.0**s * dist.mean().clamp_min(torch.finfo(dist.dtype).eps)  # (K,)
+    return 2.0**s * mean.clamp_min(torch.finfo(dist.dtype).eps)  # (K,)
 
 
 def gaussian(sq_dist, sigma2):
@@ -87,10 +96,12 @@ def combine(k_u, beta=None):
     """Eq. (3): k = sum_u beta_u k_u with beta_u >= 0; (N, N) from (K, N, N).
 
     beta=None gives beta_u = 1 (sum beta_u = d = K), as TLlib adds its kernels up."""
-    beta = torch.ones(len(k_u)) if beta is None else torch.as_tensor(beta)
-    if beta.shape != (len(k_u),) or (beta < 0).any():
-        raise ValueError(f"beta needs {len(k_u)} weights >= 0 (Eq. 3), got {beta.tolist()}")
-    return torch.einsum("u,uij->ij", beta.to(k_u), k_u)  # (N, N)
+    # checked as Python numbers, before beta becomes a tensor: a compiled step has no branch on data
+    beta = [1.0] * len(k_u) if beta is None else [float(b) for b in beta]
+    if len(beta) != len(k_u) or any(b < 0 for b in beta):
+        raise ValueError(f"beta needs {len(k_u)} weights >= 0 (Eq. 3), got {beta}")
+    beta = torch.tensor(beta, dtype=k_u.dtype, device=k_u.device)  # (K,)
+    return torch.einsum("u,uij->ij", beta, k_u)  # (N, N)
 
 
 # --- Non-characteristic kernels (Eq. 14, 15): (n, d), (m, d) -> (n, m) ------------------
@@ -112,28 +123,38 @@ def cosine(a, b):
     return F.normalize(a, dim=1) @ F.normalize(b, dim=1).T  # (n, m)
 
 
-def gram(z, kernel="gaussian", multipliers=SIGMA, beta=None):
+def gram(z, kernel="gaussian", multipliers=SIGMA, beta=None, w=None):
     """Gram matrix k(z_i, z_j) of the pooled sample z (N, d) for an MMD kernel; (N, N).
 
     "gaussian" and "laplacian" are the multi-kernels of Eq. (3) with one k_u per
-    multiplier; multipliers and beta are ignored by the single kernels "linear", "cosine"."""
+    multiplier, their bandwidths from the rows of weight 1 in w (N,) (None: every row);
+    multipliers, beta and w are ignored by the single kernels "linear", "cosine"."""
     if kernel == "linear":
         return linear(z, z)
     if kernel == "cosine":
         return cosine(z, z)
     if kernel == "gaussian":
         dist = squared_distances(z, z)  # (N, N)
-        return combine(gaussian(dist, bandwidths(dist, multipliers)), beta)
+        return combine(gaussian(dist, bandwidths(dist, multipliers, w)), beta)
     if kernel == "laplacian":
         dist = l1_distances(z, z)  # (N, N)
-        return combine(laplacian(dist, bandwidths(dist, multipliers)), beta)
+        return combine(laplacian(dist, bandwidths(dist, multipliers, w)), beta)
     raise ValueError(f"unknown MMD kernel {kernel!r}; choose one of gaussian, laplacian, linear, cosine")
 
 
 # --- Eq. (2)-(5): the squared MK-MMD -----------------------------------------------------
 
 
-def mmd2_unbiased(k, n):
+def pair_mean(k, w):
+    """sum_{i!=j} w_i w_j k_ij / sum_{i!=j} w_i w_j for a square k (n, n) and 0/1 weights w (n,):
+    the mean of k over the ordered pairs of distinct rows of weight 1 (n(n-1) of them when
+    every w_i = 1), as sum_{i!=j} w_i w_j = (sum_i w_i)^2 - sum_i w_i^2. Without such a pair
+    (fewer than two rows of weight 1) the sum is empty and the mean is taken as 0, not 0/0."""
+    pairs = w.sum().square() - w.square().sum()
+    return (w @ k @ w - (w.square() * k.diagonal()).sum()) / pairs.clamp_min(1)
+
+
+def mmd2_unbiased(k, n, w=None):
     """Eq. (2) squared, D_k^2(P, Q) = ||mu_P - mu_Q||^2, estimated without bias from the Gram
     matrix k (N, N) of z = [x; y], x the first n rows (Gretton et al., 2012, Eq. 3):
 
@@ -145,54 +166,81 @@ def mmd2_unbiased(k, n):
     often slightly negative. For y = x it is -2/(n-1) * (1/n) sum_i ||phi(x_i) - mu_x||^2, not the 0 of
     the biased estimate.
 
+    w (N,): 0/1 row weights (None: all 1), for a fixed number of rows of which only some are
+    real (align.py's padded slots, one shape for a compiled step). Each sum weighs the pair
+    (i, j) by w_i w_j and is divided by the number of pairs of weight 1 (pair_mean): the
+    estimate of the rows of weight 1 alone, n and m their counts.
+
     DEVIATION: TLlib, the authors' code, adds the constant 2/(n-1) to this estimate; the
     gradient is the same, logged values differ by that constant."""
-    m = len(k) - n
+    w = torch.ones(len(k), dtype=k.dtype, device=k.device) if w is None else w.to(k.dtype)  # (N,)
     k_xx, k_yy, k_xy = k[:n, :n], k[n:, n:], k[:n, n:]  # (n, n), (m, m), (n, m)
-    xx = (k_xx.sum() - k_xx.diagonal().sum()) / (n * (n - 1))
-    yy = (k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
-    return xx + yy - 2 * k_xy.mean()
+    w_x, w_y = w[:n], w[n:]  # (n,), (m,)
+    xy = (w_x @ k_xy @ w_y) / (w_x.sum() * w_y.sum()).clamp_min(1)
+    return pair_mean(k_xx, w_x) + pair_mean(k_yy, w_y) - 2 * xy
 
 
-def mk_mmd(x, y, kernel="gaussian", multipliers=SIGMA, beta=None):
+def mk_mmd(x, y, kernel="gaussian", multipliers=SIGMA, beta=None, x_mask=None, y_mask=None):
     """Eq. (5): L_MK-MMD = D_k^2(x, y), the unbiased squared MK-MMD between x (n, d) and
     y (m, d); rows need not be paired and m may differ from n.
 
     Defaults: the paper's K = 5 Gaussian kernels (Eq. 12, Sec. 4.1) with sigma_u^2 =
     2^{s_u} * mean squared distance for s_u in {-3, -2, -1, 0, 1} (the reading in the module
-    docstring); beta_u = 1 (not given by the paper; TLlib's)."""
+    docstring); beta_u = 1 (not given by the paper; TLlib's).
+
+    x_mask (n,), y_mask (m,): bool, True for the rows that enter (None: all). The estimate,
+    its bandwidths and its gradient are those of mk_mmd on the rows where True alone; a row
+    where False (padding) is zeroed first, so nothing in it (inf, NaN) reaches them, and its
+    gradient is 0. Masks keep n and m fixed for a compiled step: the count of real rows is
+    not checked (no host read), and a sample with fewer than two has a within-sample term 0."""
     if len(x) < 2 or len(y) < 2:
         raise ValueError(f"the unbiased MMD needs >= 2 rows per sample, got {len(x)} and {len(y)}")
-    z = torch.cat([x, y])  # (N, d)
-    return mmd2_unbiased(gram(z, kernel, multipliers, beta), len(x))
+    x_mask = torch.ones(len(x), dtype=torch.bool, device=x.device) if x_mask is None else x_mask  # (n,)
+    y_mask = torch.ones(len(y), dtype=torch.bool, device=y.device) if y_mask is None else y_mask  # (m,)
+    real = torch.cat([x_mask, y_mask])  # (N,)
+    z = torch.cat([x, y]).where(real[:, None], 0.0)  # (N, d)
+    w = real.to(z.dtype)  # (N,) 0/1
+    return mmd2_unbiased(gram(z, kernel, multipliers, beta, w), len(x), w)
 
 
 # --- Eq. (16): InfoNCE, the contrastive alternative of Sec. 4.5 ---------------------------
 
 
-def info_nce(x, y, tau=TAU):
+def info_nce(x, y, tau=TAU, mask=None):
     """Eq. (16): L_CL with the cosine kernel; x_i and y_i are a positive pair, x_i and y_j
     (j != i) negatives, so the rows must be paired: x, y (n, d).
 
         -log exp(k(x_i, y_i)/tau) / sum_j exp(k(x_i, y_j)/tau)   averaged over i
 
+    mask (n,): bool, True for the pairs that enter (None: all); a pair where False (padding)
+    is neither an anchor nor a negative, its rows zeroed first: the loss and its gradient are
+    those of info_nce on the pairs where True alone, for a fixed n (a compiled step).
+
     DEVIATION: mean over the n anchors where Eq. (16) sums, so that gamma does not
     scale with the batch size."""
     if x.shape != y.shape:
         raise ValueError(f"InfoNCE needs paired rows of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    real = torch.ones(len(x), dtype=torch.bool, device=x.device) if mask is None else mask  # (n,)
+    x, y = x.where(real[:, None], 0.0), y.where(real[:, None], 0.0)
     logits = cosine(x, y) / tau  # (n, n), positives on the diagonal
-    return F.cross_entropy(logits, torch.arange(len(x), device=x.device))
+    # exp(-inf) = 0: a padding column leaves a real anchor's denominator; a padding anchor's row
+    # stays finite (its loss weighs 0, so it needs no mask)
+    logits = logits.masked_fill(real[:, None] & ~real[None, :], float("-inf"))
+    loss = F.cross_entropy(logits, torch.arange(len(x), device=x.device), reduction="none")  # (n,)
+    w = real.to(loss.dtype)  # (n,) 0/1
+    return (w @ loss) / w.sum().clamp_min(1)
 
 
 # --- Phase-2 entry point -------------------------------------------------------------------
 
 
-def alignment_loss(kernel, x, y, **kw):
+def alignment_loss(kernel, x, y, mask=None, **kw):
     """The alignment term of Eq. (4) for align.py's --kernel (Sec. 4.5, Fig. 5a): mk_mmd of
-    Eq. (5) with that kernel, or info_nce of Eq. (16) for "infonce". kw go to that function
-    (multipliers, beta; or tau)."""
+    Eq. (5) with that kernel, or info_nce of Eq. (16) for "infonce". mask (n,) marks the real
+    rows of paired x (n, d), y (n, d), the same on both sides (None: all); kw go to that
+    function (multipliers, beta; or tau)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown --kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     if kernel == "infonce":
-        return info_nce(x, y, **kw)
-    return mk_mmd(x, y, kernel, **kw)
+        return info_nce(x, y, mask=mask, **kw)
+    return mk_mmd(x, y, kernel, x_mask=mask, y_mask=mask, **kw)

@@ -9,9 +9,12 @@ batch fit fed it. On that batch, against independent computations:
     --gamma           scales the term: loss(2γ) - L_REC = 2 (loss(γ) - L_REC)
     --mmd-rows        items: h^c, h^s of the batch windows' real items; batch: of every slot
                       (window, last target, negatives, padding), as the authors' release;
-                      each against mmd.mk_mmd on the rows listed by a loop over the batch
+                      each against mmd.mk_mmd on the rows listed by a loop over the batch;
+                      above --mmd-sample, min(listed, sample) of those rows (a fixed number of
+                      slots, padded), the MMD that of these alone
 """
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -96,16 +99,31 @@ def grads(loss, params):
     return [torch.zeros_like(w) if g is None else g for w, g in zip(params, got)]
 
 
+@pytest.mark.parametrize("sample", [100000, 120, 40])
 @pytest.mark.parametrize("rows", ["items", "batch"])
-def test_mmd_rows_are_the_ones_the_flag_names(monkeypatch, files, rows):
-    phase_loss, (seq, pos, neg, mask) = first_step(monkeypatch, files, "--mmd-rows", rows, "--mmd-sample", "100000")
-    model = phase_loss.model
+def test_mmd_rows_are_the_ones_the_flag_names(monkeypatch, files, rows, sample):
+    """The step feeds f_MLP and the ID table a fixed number of slots, min(slots, --mmd-sample);
+    the real ones (items: not padding; batch: every slot) are min(listed, sample) of the rows a
+    loop lists (120 leaves padding slots with items, 40 does not), and the logged MMD is mk_mmd's
+    on them alone."""
+    phase_loss, (seq, pos, neg, mask) = first_step(monkeypatch, files, "--mmd-rows", rows, "--mmd-sample", str(sample))
+    model, fed = phase_loss.model, []
+    parts = model.items.parts
+    monkeypatch.setattr(model.items, "parts", lambda items: fed.append(items) or parts(items))
     with torch.no_grad():
         _, logs = phase_loss(seq, pos, neg, mask)
-    expected = mmd_of(model, mmd_rows(seq, pos, neg, rows))
-    other = mmd_of(model, mmd_rows(seq, pos, neg, {"items": "batch", "batch": "items"}[rows]))
+    (slots,) = [items for items in fed if items.dim() == 1]  # the MMD's (S,); L_REC's are (B, L)
+    listed = mmd_rows(seq, pos, neg, rows)
+    real = [i for i in slots.tolist() if i != 0] if rows == "items" else slots.tolist()
+    every = seq.numel() if rows == "items" else len(listed)
+    assert len(slots) == min(every, sample) and len(real) == min(len(listed), sample)
+    assert rows == "batch" or len(listed) < 120 < every  # items: padding slots enter, weighing 0, at 120 and above
+    assert Counter(real) <= Counter(listed)  # a sub-multiset of the listed rows
+    expected = mmd_of(model, real)
     assert torch.allclose(logs["gaussian"], expected, rtol=1e-5, atol=1e-6), (logs["gaussian"], expected)
-    assert not torch.allclose(expected, other, rtol=1e-3), "the batch does not tell the two row sets apart"
+    if sample > every:  # every listed row
+        other = mmd_of(model, mmd_rows(seq, pos, neg, {"items": "batch", "batch": "items"}[rows]))
+        assert not torch.allclose(expected, other, rtol=1e-3), "the batch does not tell the two row sets apart"
 
 
 def test_frozen_anchor_stops_the_mmd_gradient_at_the_id_table(monkeypatch, files):

@@ -1,11 +1,12 @@
 """Tests of the training step's speed flags (trainer.add_speed_args): the steps of phases 1 and 3
-(BCE, CE and chunked CE) trace whole with static shapes, and fit reads nothing back from the
-device per step (what a CUDA graph needs); the compiled step gives the eager step's loss and
-weights, also after a --resume-style load; a failed compile trains eagerly after one note;
---precision bf16 trains under bf16 autocast on a CPU while evaluation stays float32 (a default
-run keeps float32 and foreach AdamW), and resumes as an uninterrupted run; the masks of
---fast-dropout have dropout's law, and its attention equals torch's scaled_dot_product_attention
-with the same mask; bench.py --baseline prints the speed-up with its spread."""
+(BCE, CE and chunked CE) trace whole with static shapes (phase 2's: tests/test_static_mmd.py),
+and fit reads nothing back from the device per step (what a CUDA graph needs); the compiled step
+gives the eager step's loss and weights, also after a --resume-style load; a failed compile
+trains eagerly after one note; --precision bf16 trains under bf16 autocast on a CPU while
+evaluation stays float32 (a default run keeps float32 and foreach AdamW), and resumes as an
+uninterrupted run; the masks of --fast-dropout have dropout's law, and its attention equals
+torch's scaled_dot_product_attention with the same mask; bench.py --baseline prints the
+speed-up with its spread."""
 import argparse
 import copy
 import json
