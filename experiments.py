@@ -780,6 +780,12 @@ def rerender(results):
         md = render(exp, record["rows"], record.get("summary", {}), title, record["data"], png)
         write_files(path.parent, path.stem, md, record)
         print(f"remade {path.with_suffix('.md')}")
+    write_index(results)
+
+
+def write_index(results):
+    """RESULTS/README.md: per dataset folder, the verdict sentences and table, Fig. 2, and
+    every table with the commit of the code that wrote it."""
     index = [RESULTS_INTRO]
     for folder in sorted(p for p in Path(results).iterdir() if p.is_dir()):
         name, pages = folder.name, sorted(folder.glob("*.md"))
@@ -858,6 +864,7 @@ def main():
     results.mkdir(parents=True, exist_ok=True)
     for exp, panels in chosen.items():
         report(exp, panels, data, args, results)
+    write_index(args.results)  # results/README.md follows every table written
 
 
 if __name__ == "__main__":
