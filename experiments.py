@@ -27,6 +27,13 @@ run), EXP.json (the rows and the summary), EXP.md (the table) and EXP.png (the f
   deviations  beyond the paper: each choice of the authors' release where the paper is silent
           (--preset authors), alone on top of our defaults: SASRec where it reaches phase 1, and
           PAD; paired t-test of each against ours
+  verdict beyond the paper: the baselines, the paper's PAD and the text-path recipe beside its
+          same-treatment controls, with paired 95% intervals over test users
+  screen  beyond the paper: the text-path screen's six PAD variants ranked by validation, test
+          for the chosen one only
+  phase3  beyond the paper: phase-3 variants on the recipe's expert runs (the text-kNN expert,
+          --bucket-bias, joint training with --expert-lr / --aux-weight and the gate refit on
+          validation), ranked by validation, test and gate shares beside it
 --extra passes flags to every training run (e.g. --extra "--epochs 2" for a smoke test),
 --model-flags to the runs that build a model from scratch; --dry-run lists the commands
 still to run.
@@ -52,7 +59,7 @@ from evaluate import hr_ndcg, mean_std, metric_row, summary_table
 from models import model_from_checkpoint, read_checkpoint
 from trainer import AUTHORS_INFONCE_WEIGHT, PRESETS
 
-EXPERIMENTS = ("table2", "table3", "fig2", "fig3", "fig4", "fig5", "fig6", "deviations", "verdict", "screen")
+EXPERIMENTS = ("table2", "table3", "fig2", "fig3", "fig4", "fig5", "fig6", "deviations", "verdict", "screen", "phase3")
 TEXT_FIX = {"text_norm": "standard", "text_layers": 0}  # the text-path screen's f_MLP (experiments.py screen)
 # the text-path recipe (beyond the paper): CE, the standardised one-layer f_MLP, the LLM expert
 # from the CE MoRec, the experts as phases 1-2 left them and the gate fit on validation
@@ -64,6 +71,21 @@ CONTROLS = {"stack: SASRec (CE) + MoRec (CE, std f_MLP), gate fit on valid": "wh
             "stack + text-kNN expert, gate fit on valid": "what PAD adds over the stack with the text floor",
             "recipe with γ = 0 (SMEM's alignment expert)": "what the alignment (MK-MMD) adds",
             "recipe with one weight per expert (--gate none)": "what the frequency-aware gate adds"}
+# experiments.py phase3: phase-3 variants on the recipe's expert runs, chosen on validation:
+# {label: (run-name tag, finetune.py flags, Plan.finetune settings)}; a tag names runs with flags
+EXPERT_LR = ["--expert-lr", "1e-4"]
+AUX = ["--aux-weight", "1"]
+PHASE3 = {
+    RECIPE_LABEL: ("", [], {}),
+    "recipe + text-kNN expert": ("", [], {"experts": "id,align,llm,text"}),
+    "recipe + bucket bias": ("", [], {"bucket_bias": True}),
+    "recipe + text-kNN expert + bucket bias": ("", [], {"experts": "id,align,llm,text", "bucket_bias": True}),
+    "phase 3 trained (Alg. 1), gate refit on valid": ("", [], {"gate_fit": "valid"}),
+    "phase 3, experts at lr 1e-4, gate refit on valid": ("elr1e-4", EXPERT_LR, {"gate_fit": "valid"}),
+    "phase 3, each expert's own loss too (--aux-weight 1), gate refit on valid": ("aux1", AUX, {"gate_fit": "valid"}),
+    "phase 3, experts at lr 1e-4, own losses, text-kNN expert, bucket bias, gate refit on valid": (
+        "elr1e-4-aux1", EXPERT_LR + AUX, {"gate_fit": "valid", "experts": "id,align,llm,text", "bucket_bias": True}),
+}
 
 
 def authors_flags(keys, scripts=("pretrain", "align", "finetune")):
@@ -163,14 +185,16 @@ class Plan:
                          backbone=backbone, kernel=kernel, anchor=anchor, gamma=gamma, loss=loss, text=text)
 
     def finetune(self, seed, align=None, experts="id,align,llm", gate=None, backbone="sasrec", loss="bce", text=None,
-                 llm_init=False, gate_fit="train"):
+                 llm_init=False, gate_fit="train", bucket_bias=False):
         """llm_init: the LLM expert starts from the MoRec run of the same loss and text flags;
         gate_fit valid: the gate is refit on the validation split after training, valid-only: the
-        experts are not trained and the gate is fit on the validation split (finetune.py --gate-fit)."""
+        experts are not trained and the gate is fit on the validation split (finetune.py --gate-fit);
+        bucket_bias: finetune.py --bucket-bias."""
         align, gate = align or self.pad_align, gate or self.gate
         p1 = self.pretrain(seed, backbone, loss)
         cmd = ["finetune.py", "--backbone", backbone, "--pretrain", str(p1.out), "--experts", experts, "--gate", gate,
-               "--loss", loss, *text_flags(text), *(["--gate-fit", gate_fit] if gate_fit != "train" else [])]
+               "--loss", loss, *text_flags(text), *(["--gate-fit", gate_fit] if gate_fit != "train" else []),
+               *(["--bucket-bias"] if bucket_bias else [])]
         deps, tag = [p1], ""
         if "align" in experts.split(","):
             p2 = self.align(seed, *align, backbone=backbone, loss=loss, text=text)
@@ -178,7 +202,7 @@ class Plan:
         if llm_init:
             morec = self.baseline(seed, "morec", backbone, loss, text)
             cmd, deps = cmd + ["--llm-init", str(morec.out)], deps + [morec]
-        return self._run("finetune", cmd, seed, deps, backbone=backbone, gate=gate + GATE_FITS[gate_fit],
+        return self._run("finetune", cmd, seed, deps, backbone=backbone, gate=gate + "-bias" * bucket_bias + GATE_FITS[gate_fit],
                          experts=experts.split(","), align=tag, llm_init=llm_init, loss=loss, text=text)
 
     def baseline(self, seed, method, backbone="sasrec", loss="bce", text=None):
@@ -233,6 +257,9 @@ def groups(exp, plan, seeds):
         return {"": {k: table2[k] for k in ("PAD", "PAD (std f_MLP)", "PAD (std f_MLP, LLM from MoRec)",
                                             "PAD (CE, std f_MLP, LLM from MoRec)",
                                             "PAD (CE, std f_MLP, LLM from MoRec, gate fit on valid)", RECIPE_LABEL)}}
+    if exp == "phase3":  # phase-3 variants on the recipe's expert runs, to be chosen on validation
+        variants = {lb: (plan.variant(tag, {"finetune": flags}) if tag else plan, kw) for lb, (tag, flags, kw) in PHASE3.items()}
+        return {"": {lb: per_seed(lambda s, v=v, kw=kw: v.finetune(s, **{**RECIPE, **kw})) for lb, (v, kw) in variants.items()}}
     if exp == "deviations":
         choices = {lb: plan.variant(tag, flags, **settings) for lb, (tag, flags, settings) in AUTHORS_CHOICES.items()}
         infonce = plan.variant("authors-tau", authors_flags(["tau"], ["align"]), gamma=AUTHORS_INFONCE_WEIGHT)
@@ -348,6 +375,7 @@ def rows(exp, panels):
                 out.append({"experiment": exp, "panel": panel, "label": label, "seed": seed_of(r), "run": str(r.out),
                             **metric_row(m), **{f"{k} (repeats kept)": v for k, v in kept.items()},
                             **{f"valid {k}": m["valid"][k] for k in ("HR@10", "nDCG@10")},
+                            "valid cold HR@10": m["valid"]["groups"]["cold"]["HR@10"],
                             "best_epoch": m["best_epoch"],
                             **({"gate_per_bucket": m["gate_per_bucket"]} if "gate_per_bucket" in m else {})})
     return out
@@ -624,14 +652,15 @@ def verdicts_md(comps, name):
     return "\n".join(lines)
 
 
-def screen(all_rows):
+def screen(all_rows, keep_test=False):
     """Rank the variants by mean validation nDCG@10 (HR@10 breaks ties) and keep test numbers
-    for the chosen one only: the other rows keep their validation numbers, not their test ones."""
+    for the chosen one only: the other rows keep their validation numbers, not their test ones
+    (keep_test, phase3: every row keeps them, to show why a variant loses; the choice is the same)."""
     t = by_label(all_rows)[""]
     key = {lb: tuple(mean_std([r[f"valid {m}"] for r in rs])[0] for m in ("nDCG@10", "HR@10")) for lb, rs in t.items()}
     order = sorted(t, key=key.get, reverse=True)
-    kept = [r if r["label"] == order[0] else {k: v for k, v in r.items() if not k.endswith("@10") or k.startswith("valid ")}
-            for r in all_rows]
+    kept = [r if r["label"] == order[0] or keep_test else
+            {k: v for k, v in r.items() if not k.endswith("@10") or k.startswith("valid ")} for r in all_rows]
     return kept, {"chosen": order[0], "order": order}
 
 
@@ -644,6 +673,22 @@ def screen_md(t, summary):
         md.append(f"| {i} | {lb}{' (chosen)' if chosen else ''} | {len(rs)} | " + " | ".join(cells + ["", ""] * (not chosen)) + " |")
     return md + ["\nChosen by mean validation nDCG@10 over the seeds (a gate fit on validation scored cross-fitted); "
                  "test is reported for the chosen variant only."]
+
+
+def phase3_md(t, summary):
+    """The phase-3 variants in the order validation ranks them, validation beside test, cold
+    targets and each expert's gate share (warmest → coldest bucket)."""
+    metrics = ["valid HR@10", "valid nDCG@10", "valid cold HR@10", "HR@10", "nDCG@10", "cold HR@10"]
+    md = ["| rank | variant | seeds | " + " | ".join(metrics) + " | gate shares |", "|---|---|---|" + "---|" * (len(metrics) + 1)]
+    for i, lb in enumerate(summary["order"], 1):
+        rs = t[lb]
+        cells = [" ± ".join(f"{v:.2f}" for v in mean_std([r[m] for r in rs])) if len(rs) > 1 else f"{rs[0][m]:.2f}"
+                 for m in metrics]
+        shares = gate_shares(rs) if all("gate_per_bucket" in r for r in rs) else ""
+        md.append(f"| {i} | {lb}{' (chosen)' if lb == summary['chosen'] else ''} | {len(rs)} | " + " | ".join(cells)
+                  + f" | {shares} |")
+    return md + ["\nRanked by mean validation nDCG@10 over the seeds (a gate fit on validation scored cross-fitted); "
+                 "the chosen variant is the first, whatever the test columns say."]
 
 
 RESULTS_INTRO = """# Results
@@ -665,8 +710,9 @@ TITLES = {"table2": "Table 2", "table3": "Table 3", "fig2": "Fig. 2: SASRec vs P
           "fig5": "Fig. 5", "fig6": "Fig. 6: Kendall's tau to the phase-1 ID table",
           "deviations": "The authors' choices, one at a time",
           "verdict": "Same-treatment controls of the text-path recipe",
-          "screen": "The text-path screen, chosen on validation"}
-TABLES_ONLY = ("table2", "table3", "deviations", "verdict", "screen")  # no figure
+          "screen": "The text-path screen, chosen on validation",
+          "phase3": "Phase-3 variants on the recipe's experts, chosen on validation"}
+TABLES_ONLY = ("table2", "table3", "deviations", "verdict", "screen", "phase3")  # no figure
 
 
 def title_of(exp, name, seeds, preset):
@@ -680,8 +726,8 @@ def collect(exp, panels, data, args, png):
     if exp == "verdict":
         all_rows = rows(exp, panels)
         return all_rows, {"comparisons": comparisons(panels[""], by_label(all_rows)[""], with_controls=True)}
-    if exp == "screen":
-        return screen(rows(exp, panels))
+    if exp in ("screen", "phase3"):
+        return screen(rows(exp, panels), keep_test=exp == "phase3")
     if exp == "fig6":
         return kendall_rows(panels, data, args.max_pairs), {"n_buckets": data["n_buckets"]}
     if exp == "fig3":
@@ -701,13 +747,15 @@ def render(exp, all_rows, summary, title, name, png):
         md += verdict_md(tables[""], summary)
     elif exp == "screen":
         md += screen_md(tables[""], summary)
+    elif exp == "phase3":
+        md += phase3_md(tables[""], summary)
     elif exp == "fig6":
         buckets = [f"bucket {b}" for b in range(1, summary.get("n_buckets", 10) + 1)]
         md += [f"### {p}\n" + summary_table(t, metrics=buckets) for p, t in tables.items()]
         line_figure(tables, png, title, len(buckets))
     elif exp == "fig3":
         md += [summary_table(tables[""], metrics=("textual separation",))]
-    for panel, t in tables.items() if exp not in ("verdict", "screen", "fig6", "fig3") else ():
+    for panel, t in tables.items() if exp not in ("verdict", "screen", "phase3", "fig6", "fig3") else ():
         if exp == "table2":
             metrics = [*(["valid HR@10", "valid nDCG@10"] if all("valid HR@10" in r for rs in t.values() for r in rs) else []),
                        "HR@10", "nDCG@10", "cold HR@10"]

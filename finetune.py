@@ -17,7 +17,7 @@ from dataset import DEFAULT_ALIGN, GATE_FITS, align_tag, history_before_target, 
 from models import ALL_EXPERTS, BACKBONES, EXPERTS, GATE_INITS, GATES, build_model, check_checkpoint, model_from_checkpoint, read_checkpoint
 from evaluate import protocol, user_ranks
 from trainer import (FLAG_DEFAULTS, K, TEXT_FLAGS, add_text_args, add_training_args, bce_loss, finish, fit,
-                     is_main_process, match_text_args, parse_args, reuse_finished, sample_negatives, setup)
+                     is_main_process, match_text_args, parse_args, rec_loss, reuse_finished, sample_negatives, setup)
 
 
 def parse_experts(text):
@@ -45,6 +45,15 @@ def main():
                         "about 1-2%%); paper: not given")
     p.add_argument("--gate-weight-decay", type=float, default=None,
                    help="AdamW weight decay of the gate's parameters; default --weight-decay (authors' release: 0.01)")
+    p.add_argument("--expert-lr", type=float, default=None,
+                   help="beyond the paper: the experts' learning rate in phase 3, the gate keeping --lr; default --lr "
+                        "(paper: not given)")
+    p.add_argument("--aux-weight", type=float, default=0.0,
+                   help="beyond the paper: add this weight times each expert's own L_REC to the mixture's in phase 3 "
+                        "(paper: 0)")
+    p.add_argument("--bucket-bias", action="store_true",
+                   help="beyond the paper: add one learned offset per frequency bucket to Eq. (11)'s Phi (logit "
+                        "adjustment fit with the gate); paper: none")
     p.add_argument("--gate-fit", default="train", choices=tuple(GATE_FITS),
                    help="train: the gate learns with the experts on the training data (Alg. 1); valid (beyond the "
                         "paper): after that, the gate alone is refit on the validation targets, experts frozen, "
@@ -98,13 +107,13 @@ def main():
     FLAG_DEFAULTS.update({key: default for _, key, default in TEXT_FLAGS})  # what a run made before these flags used
     for _, key, default in TEXT_FLAGS:
         setattr(args, key, default if getattr(args, key) is None else getattr(args, key))
-    gate_name = args.gate + GATE_FITS[args.gate_fit]  # e.g. finetune_sasrec_freq-validfit_...
+    gate_name = args.gate + "-bias" * args.bucket_bias + GATE_FITS[args.gate_fit]  # e.g. finetune_sasrec_freq-validfit_...
     out = args.out or run_path(name, "finetune", backbone=args.backbone, gate=gate_name, experts=args.experts,
                                align=tag, llm_init=bool(args.llm_init), seed=args.seed, **tags, text=text_of(args))
     if reuse_finished(out, data, args):
         return
     model_args = {**ckpts["id"]["model_args"], "kind": "pad", "experts": list(args.experts), "gate": args.gate,
-                  "gate_init": args.gate_init}
+                  "gate_init": args.gate_init, "bucket_bias": args.bucket_bias}
     if "align" in ckpts:
         model_args["fuse_dropout"] = ckpts["align"]["model_args"].get("fuse_dropout", 0.0)
     model_args.update({key: getattr(args, key) for _, key, _ in TEXT_FLAGS})
@@ -124,7 +133,7 @@ def main():
         print(protocol(data, K, args.keep_repeated_targets))
         log = []
     else:
-        model, log = fit(model, data, args, out)
+        model, log = fit(model, data, args, out, extra_loss=expert_losses(args) if args.aux_weight else None)
     if not is_main_process():  # under torchrun, rank 0 tests and writes
         return
     valid_ranks = None
@@ -143,9 +152,21 @@ def main():
                   "init": {k: paths[k] for k in ckpts}}, valid_ranks=valid_ranks)
 
 
+def expert_losses(args):
+    """DEVIATION (--aux-weight w, beyond the paper): phase 3's extra term w * sum_k L_REC(o_k),
+    each expert's own loss on the batch beside the loss of Eq. (11)'s mixture, so that an expert
+    the gate turns down still learns to rank on its own."""
+    def term(model, seq, pos, neg):
+        mask = (seq != 0) & (pos != 0)  # trainer.fit's real positions
+        losses = {k: rec_loss(e, seq, pos, neg, mask, args.loss, args.ce_chunk) for k, e in model.experts.items()}
+        return args.aux_weight * sum(losses.values()), {f"{k}-{args.loss}": v.detach() for k, v in losses.items()}
+    return term
+
+
 def gate_params(model):
-    """What --gate-fit fits: the gate, and the text expert's scale (its only parameter)."""
-    return [*model.gate.parameters(), *(model.experts["text"].parameters() if "text" in model.experts else [])]
+    """What --gate-fit fits: the gate, the --bucket-bias offsets and the text expert's scale (its only parameter)."""
+    return [*model.gate.parameters(), *([model.bias] if model.bias is not None else []),
+            *(model.experts["text"].parameters() if "text" in model.experts else [])]
 
 
 def cross_fit_gate(model, data, args):

@@ -455,13 +455,18 @@ def make_gate(gate, n_buckets, d, experts, init="uniform"):
 class PAD(nn.Module):
     """Phase 3 model: experts o_id, o_align, o_LLM (Eq. 8-10), each with its own embedding
     tables, fused into Phi = sum_k g_k(b(i), h_k) * o_k (Eq. 11). Any subset of experts
-    may be kept (--experts), for the ablations of Fig. 5(b)."""
+    may be kept (--experts), for the ablations of Fig. 5(b).
 
-    def __init__(self, experts, gate, item_bucket, n_buckets):
+    bucket_bias (finetune.py --bucket-bias, beyond the paper): Phi + beta[b(i)], one learned
+    offset per frequency bucket, zero at the start: the log-prior of a bucket's items that
+    logit adjustment (Menon et al., 2021) adds by hand, here fit with the gate."""
+
+    def __init__(self, experts, gate, item_bucket, n_buckets, bucket_bias=False):
         super().__init__()
         self.experts = nn.ModuleDict(experts)  # name -> Expert, in order id, align, llm
         self.gate, self.n_buckets, self.n_items = gate, n_buckets, len(item_bucket) - 1
         self.register_buffer("bucket", item_bucket, persistent=False)  # (N+1,) b(i)
+        self.bias = nn.Parameter(torch.zeros(n_buckets + 1)) if bucket_bias else None  # DEVIATION: beta per bucket
 
     def states(self, seq):
         return [expert(seq) for expert in self.experts.values()]  # K x (B, L, d)
@@ -475,12 +480,13 @@ class PAD(nn.Module):
         per_bucket (serving, --loss ce): the gate g_k(b, h_k) is evaluated once per bucket b, (B, B_b+1, K),
         and looked up per item, so memory is O(B x T) instead of O(B x T x K); vectorised exp and
         division then round differently in the last bit."""
+        beta = 0.0 if self.bias is None else self.bias[bucket]  # --bucket-bias: + beta[b(i)]
         if not per_bucket:
             g = self.gate(bucket, h)  # (B, T, K)
-            return (g * torch.stack(o, -1)).sum(-1)
+            return (g * torch.stack(o, -1)).sum(-1) + beta
         buckets = torch.arange(self.n_buckets + 1, device=bucket.device).expand(*bucket.shape[:-1], -1)  # (B, B_b+1)
         g = self.gate(buckets, h)  # (B, B_b+1, K)
-        return sum(g[..., k].gather(-1, bucket) * o_k for k, o_k in enumerate(o))
+        return sum(g[..., k].gather(-1, bucket) * o_k for k, o_k in enumerate(o)) + beta
 
     def bce_logits(self, seq, pos, neg):
         h = self.states(seq)  # K x (B, L, d)
@@ -625,7 +631,7 @@ def build_model(model_args, data):
     widths = [text_emb.shape[1] if k == "text" else model_args["d"] for k in experts]  # each expert's state width
     gate = make_gate(model_args["gate"], data["n_buckets"], widths if "text" in experts else model_args["d"], experts,
                      model_args.get("gate_init", "uniform"))
-    return PAD(experts, gate, data["item_bucket"], data["n_buckets"])
+    return PAD(experts, gate, data["item_bucket"], data["n_buckets"], model_args.get("bucket_bias", False))
 
 
 def read_checkpoint(path, keys=("phase", "model_args", "state", "fingerprint")):

@@ -309,6 +309,16 @@ def chunked_ce_loss(model, seq, pos, mask, chunk):
     return ((lse - target) * w).sum() / w.sum()
 
 
+def rec_loss(model, seq, pos, neg, mask, loss="bce", ce_chunk=0):
+    """L_REC of a model (an expert or PAD) on one batch: BCE (Eq. 1) on the sampled negatives,
+    or --loss ce's cross-entropy over all items (in chunks of ce_chunk items when > 0)."""
+    if loss == "ce" and ce_chunk > 0:
+        return chunked_ce_loss(model, seq, pos, mask, ce_chunk)
+    if loss == "ce":
+        return ce_loss(model.all_logits(seq), pos, mask)
+    return bce_loss(*model.bce_logits(seq, pos, neg), mask)
+
+
 class PhaseLoss(nn.Module):
     """One batch's training loss: L_REC unless use_rec_loss is False, plus the phase's
     extra_loss(model, seq, pos) -> (term, {name: value to log}). L_REC is the BCE of Eq. (1) /
@@ -323,12 +333,7 @@ class PhaseLoss(nn.Module):
 
     def forward(self, seq, pos, neg, mask):
         with torch.set_grad_enabled(self.use_rec_loss):  # L_REC is logged even when not trained on
-            if self.rec_loss == "ce" and self.ce_chunk > 0:
-                rec = chunked_ce_loss(self.model, seq, pos, mask, self.ce_chunk)
-            elif self.rec_loss == "ce":
-                rec = ce_loss(self.model.all_logits(seq), pos, mask)
-            else:
-                rec = bce_loss(*self.model.bce_logits(seq, pos, neg), mask)
+            rec = rec_loss(self.model, seq, pos, neg, mask, self.rec_loss, self.ce_chunk)
         loss, logs = (rec if self.use_rec_loss else 0.0), {self.rec_loss: rec.detach()}
         if self.extra_loss is not None:
             term, extra_logs = self.extra_loss(self.model, seq, pos, neg)
@@ -527,10 +532,12 @@ def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
         step_loss = nn.parallel.DistributedDataParallel(step_loss, device_ids=[device] if device.type == "cuda" else None,
                                                         broadcast_buffers=False, find_unused_parameters=True)
     trained = [(n, w) for n, w in model.named_parameters() if w.requires_grad]
-    gate_decay = getattr(args, "gate_weight_decay", None)  # finetune.py: the gate may decay differently
-    groups = [{"params": [w for _, w in trained]}] if gate_decay is None else [
-        {"params": [w for n, w in trained if not n.startswith("gate.")]},
-        {"params": [w for n, w in trained if n.startswith("gate.")], "weight_decay": gate_decay}]
+    # finetune.py: the gate (and --bucket-bias) may decay differently, the experts learn at --expert-lr
+    gate_decay, expert_lr = getattr(args, "gate_weight_decay", None), getattr(args, "expert_lr", None)
+    is_gate = lambda n: n.startswith("gate.") or n == "bias"  # noqa: E731
+    groups = [{"params": [w for _, w in trained]}] if gate_decay is None and expert_lr is None else [
+        {"params": [w for n, w in trained if not is_gate(n)], **({} if expert_lr is None else {"lr": expert_lr})},
+        {"params": [w for n, w in trained if is_gate(n)], **({} if gate_decay is None else {"weight_decay": gate_decay})}]
     opt = adamw(groups, args)
     compiled_loss = compile_loss(step_loss, args)
     gen = torch.Generator(device).manual_seed(args.seed)  # negatives and batch order, drawn where training runs

@@ -167,8 +167,9 @@ def loop_gate(gate, kind, bucket, h):
     return [v / sum(e) for v in e]
 
 
-def loop_pad_scores(experts, gate, kind, bucket, seq):
-    """Phi(u, i) = sum_k g_k(b(i), h_k) o_k(u, i) for every user u and item i, one at a time."""
+def loop_pad_scores(experts, gate, kind, bucket, seq, bias=None):
+    """Phi(u, i) = sum_k g_k(b(i), h_k) o_k(u, i) (+ beta[b(i)] with --bucket-bias) for every
+    user u and item i, one at a time."""
     with torch.no_grad():
         h = [e(seq)[:, -1] for e in experts]  # K x (B, d)
         tables = [e.items(torch.arange(N + 1)) for e in experts]  # K x (N+1, d)
@@ -179,14 +180,19 @@ def loop_pad_scores(experts, gate, kind, bucket, seq):
                 hu = [h_k[u] for h_k in h]
                 g = loop_gate(gate, kind, int(bucket[i]), hu)
                 out[u, i] = sum(g[k] * float(torch.dot(hu[k], tables[k][i])) for k in range(len(experts)))
+                out[u, i] += 0.0 if bias is None else float(bias[int(bucket[i])])
     return out
 
 
-def make_pad(names, gate_kind, seed=0, backbone="sasrec"):
+def make_pad(names, gate_kind, seed=0, backbone="sasrec", bucket_bias=False):
     experts = {k: expert(k, backbone, seed=seed + i) for i, k in enumerate(names)}
     widths = [D_TEXT if k == "text" else D for k in names]  # the text expert's state is d_text wide
     gate = randomise(make_gate(gate_kind, N_BUCKETS, widths if "text" in names else D, names), seed)
-    return PAD(experts, gate, item_bucket(), N_BUCKETS).eval()
+    pad = PAD(experts, gate, item_bucket(), N_BUCKETS, bucket_bias).eval()
+    if bucket_bias:
+        with torch.no_grad():
+            pad.bias.normal_(generator=gen(seed + 100))
+    return pad
 
 
 @pytest.mark.parametrize("gate_kind", GATES)
@@ -206,15 +212,18 @@ def test_gate_probabilities_positive_and_sum_to_one(gate_kind):
     assert (per_bucket > 0).all() and torch.allclose(per_bucket.sum(-1), torch.ones(N_BUCKETS))
 
 
+@pytest.mark.parametrize("bucket_bias", [False, True])
 @pytest.mark.parametrize("gate_kind", GATES)
-def test_pad_full_scores_equal_loop_of_eq11(gate_kind):
-    pad = make_pad(EXPERTS, gate_kind)
+def test_pad_full_scores_equal_loop_of_eq11(gate_kind, bucket_bias):
+    """Eq. (11) by loop (with --bucket-bias: + beta[b(i)]), per item and per bucket."""
+    pad = make_pad(EXPERTS, gate_kind, bucket_bias=bucket_bias)
     seq = sequences(B=3)
     with torch.no_grad():
         scores = pad.full_scores(seq)
-    ref = loop_pad_scores(list(pad.experts.values()), pad.gate, gate_kind, pad.bucket, seq)
+        per_bucket = pad.full_scores(seq, per_bucket=True)
+    ref = loop_pad_scores(list(pad.experts.values()), pad.gate, gate_kind, pad.bucket, seq, pad.bias)
     assert scores.shape == (3, N + 1)
-    assert torch.allclose(scores, ref, atol=1e-5)
+    assert torch.allclose(scores, ref, atol=1e-5) and torch.allclose(per_bucket, ref, atol=1e-5)
     # bce_logits goes through fuse() at every position: at the last one it is the same logit
     pos = torch.randint(1, N + 1, (3, L), generator=gen(2))
     with torch.no_grad():
@@ -356,7 +365,7 @@ def test_all_logits_are_the_bce_logits_of_every_item(kind, gate_kind):
     """--loss ce scores every item at every position: the same logit as bce_logits gives an
     item as the positive, for one expert and for PAD (Eq. 11 at every position)."""
     seq = sequences(B=3)
-    for model in (expert(kind, "sasrec").eval(), make_pad(EXPERTS, gate_kind)):
+    for model in (expert(kind, "sasrec").eval(), make_pad(EXPERTS, gate_kind), make_pad(EXPERTS, gate_kind, bucket_bias=True)):
         with torch.no_grad():
             every = model.all_logits(seq)  # (3, L, N+1)
             for j in (1, 5, N):
@@ -578,6 +587,43 @@ def test_phase3_llm_expert_gradient_is_its_gate_share_of_the_loss(init):
     assert all(a.abs().sum() > 0 for a in got[:2])  # f_MLP's first layer learns
 
 
+@pytest.mark.parametrize("loss", ["bce", "ce"])
+def test_aux_weight_adds_each_experts_own_loss(loss):
+    """finetune.py --aux-weight w: phase 3's extra term is w * sum_k L_REC of expert k alone
+    (BCE of Eq. 1 on its own logits, or its softmax over all items, by loop), logged per
+    expert; the gate gets no gradient from it."""
+    import types
+
+    from finetune import expert_losses
+
+    pad = make_pad(EXPERTS, "freq")
+    seq = sequences()
+    pos, neg = torch.randint(1, N + 1, (2, len(seq), L), generator=gen(4))
+    pos[0, -1] = 0  # a padding target: not a real position
+    mask = (seq != 0) & (pos != 0)
+    args = types.SimpleNamespace(aux_weight=0.3, loss=loss, ce_chunk=0)
+    term, logs = expert_losses(args)(pad, seq, pos, neg)
+    want, parts = 0.0, {}
+    for name, e in pad.experts.items():
+        h = e(seq)  # (B, L, d)
+        table = e.items(torch.arange(N + 1))  # (N+1, d)
+        terms = []
+        for b, t in mask.nonzero().tolist():
+            o = table[1:] @ h[b, t]  # (N,): items 1..N
+            if loss == "ce":
+                terms.append(-(o[pos[b, t] - 1] - torch.logsumexp(o, 0)))
+            else:
+                terms.append((torch.nn.functional.softplus(-o[pos[b, t] - 1]), torch.nn.functional.softplus(o[neg[b, t] - 1])))
+        own = (sum(terms) / len(terms) if loss == "ce"
+               else sum(a for a, _ in terms) / len(terms) + sum(n for _, n in terms) / len(terms))
+        parts[name] = float(own.detach())
+        want = want + own
+    assert float(term) == pytest.approx(0.3 * float(want), rel=1e-5)
+    assert {k: float(v) for k, v in logs.items()} == pytest.approx({f"{k}-{loss}": v for k, v in parts.items()}, rel=1e-5)
+    grads = torch.autograd.grad(term, list(pad.gate.parameters()), allow_unused=True)
+    assert all(g is None or not g.any() for g in grads)
+
+
 def test_gate_fit_ce_is_the_masked_softmax_loss_of_eq11_by_loop(capsys):
     """finetune.fit_gate with --loss ce: its validation loss is the cross-entropy of Phi (Eq. 11,
     the loop above) over all items with the user's earlier items masked, averaged over the
@@ -647,17 +693,17 @@ def test_gate_fit_bce_is_eq1_on_phi_of_eq11_by_loop(capsys):
 @pytest.mark.parametrize("loss", ["bce", "ce"])
 @pytest.mark.parametrize("gate_kind", GATES)
 def test_gate_fit_on_validation_never_reads_the_test_column(loss, gate_kind):
-    """finetune.cross_fit_gate (--gate-fit valid, valid-only), with the text expert's scale
-    fit beside the gate: every user's test item replaced leaves the fitted parameters and the
-    cross-fitted validation ranks bit for bit the same; the validation items replaced move
-    them. Each fold's ranks are those of a gate fit on the other fold alone."""
+    """finetune.cross_fit_gate (--gate-fit valid, valid-only), with the text expert's scale and
+    the --bucket-bias offsets fit beside the gate: every user's test item replaced leaves the
+    fitted parameters and the cross-fitted validation ranks bit for bit the same; the validation
+    items replaced move them. Each fold's ranks are those of a gate fit on the other fold alone."""
     import copy
     import types
 
     from evaluate import user_ranks
     from finetune import cross_fit_gate, fit_gate
 
-    pad = make_pad(("id", "llm", "text"), gate_kind, seed=2)
+    pad = make_pad(("id", "llm", "text"), gate_kind, seed=2, bucket_bias=True)
     g = gen(11)
     seqs = torch.stack([torch.randperm(N, generator=g)[:L + 3] + 1 for _ in range(12)])  # distinct items per user
     data = {"seqs": seqs, "n_items": N, "item_bucket": pad.bucket, "n_buckets": N_BUCKETS}
@@ -667,7 +713,7 @@ def test_gate_fit_on_validation_never_reads_the_test_column(loss, gate_kind):
     def fitted(seqs):
         model = copy.deepcopy(pad)
         ranks = cross_fit_gate(model, {**data, "seqs": seqs}, args)
-        return ranks, {k: v for k, v in model.state_dict().items() if k.startswith("gate.") or "log_scale" in k}
+        return ranks, {k: v for k, v in model.state_dict().items() if k.startswith("gate.") or k == "bias" or "log_scale" in k}
 
     ranks, params = fitted(seqs)
     assert all(not torch.equal(v, pad.state_dict()[k]) for k, v in params.items())  # the fit moved every one
