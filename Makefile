@@ -55,4 +55,4 @@ table:
 	  "PAD=$(call commas,$(foreach s,$(SEEDS),$(RUNS)/$(PAD_RUN)_seed$(s).json))"
 
 test: install
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests

@@ -98,3 +98,20 @@ def test_bench_prints_one_json_line_per_figure(tiny):
             assert ("serve_cache", phase, None, dtype, None) in got
             assert {("serve", phase, b, dtype, q) for b in (1, 256) for q in ("p50", "p99")} <= got
     assert next(x for x in lines if x["figure"] == "eval")["users"] == 50
+
+
+def test_pipeline_times_every_run_of_the_recipe(tiny, tmp_path):
+    """benchmarks/pipeline.py: the recipe's runs (phase 1, phase 2, the MoRec baseline, phase 3)
+    trained in a fresh folder, dependencies first, one JSON line each with its wall time and
+    epochs as its metrics JSON records them, then the whole pipeline's time."""
+    r = run("benchmarks/pipeline.py", "--data", tiny, "--epochs", 1, "--model-flags", "--d 16 --n-blocks 1",
+            "--runs", tmp_path / "runs")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    per_run, whole = lines[:-1], lines[-1]
+    assert [x["script"] for x in per_run] == ["pretrain.py", "align.py", "baselines.py", "finetune.py"]
+    for x in per_run:
+        metrics = json.loads((tmp_path / "runs" / "synthetic" / x["run"]).with_suffix(".json").read_text())
+        assert x["epochs"] == len(metrics["epochs"]) == (0 if x["script"] == "finetune.py" else 1)  # the gate fit trains no epoch
+        assert x["value"] >= 1 and x["unit"] == "s" and x["dataset"] == "synthetic"
+    assert whole["figure"] == "pipeline" and whole["value"] >= sum(x["value"] for x in per_run)
