@@ -1,10 +1,12 @@
 # Two commands on a fresh machine with Python 3.11 (see README.md):
-#   make run    install, then the whole PAD paradigm on the offline default (ml-100k, CPU)
+#   make run    install, then the whole PAD paradigm on the offline default (ml-100k, CPU);
+#               make run PRESET=recipe: the text-path recipe (also trains the MoRec run it needs)
 #   make test   install, then the test suite (what .ci/run calls)
-#   make table  the SASRec vs PAD table of finished runs, nothing trained
+#   make table  the SASRec vs PAD table of finished runs (of PRESET), nothing trained
 # Variables: DATA (prepared dataset name), SEEDS (space-separated), DEVICE (cpu|cuda),
 # PREPARE (extra flags for prepare_data.py, e.g. "--raw-dir raw/MIND --encoder llm2vec";
-# changing them re-prepares), THREADS (threads per process), FORCE=1 (retrain finished runs).
+# changing them re-prepares), THREADS (threads per process), FORCE=1 (retrain finished runs),
+# PRESET (none: the paper's configuration; recipe; authors: trainer.PRESETS).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,9 +16,19 @@ DEVICE ?= cpu
 PREPARE ?=
 THREADS ?=
 FORCE ?=
+PRESET ?= none
 RUNS := runs/$(DATA)
-PAD_RUN := finetune_sasrec_freq_id-align-llm_gaussian_rec_gamma0.1
-FLAGS := --data $(DATA) --device $(DEVICE) $(if $(THREADS),--threads $(THREADS)) $(if $(FORCE),--overwrite)
+# each preset's phase-1 and phase-3 runs, as the scripts name them (dataset.run_path), and their table labels
+SASREC_RUN_none := pretrain_sasrec
+PAD_RUN_none := finetune_sasrec_freq_id-align-llm_gaussian_rec_gamma0.1
+LABELS_none := SASRec PAD
+SASREC_RUN_recipe := pretrain_sasrec_ce_recipe
+PAD_RUN_recipe := finetune_sasrec_freq-validonly_id-align-llm_gaussian_rec_gamma0.1_llm-morec_text-std-l0_ce_recipe
+LABELS_recipe := SASRec-(CE) PAD-(recipe)
+SASREC_RUN_authors := pretrain_sasrec_authors
+PAD_RUN_authors := finetune_sasrec_bucket_id-align-llm_gaussian_rec_gamma0.2_authors
+LABELS_authors := SASRec PAD
+FLAGS := --data $(DATA) --device $(DEVICE) --preset $(PRESET) $(if $(THREADS),--threads $(THREADS)) $(if $(FORCE),--overwrite)
 comma := ,
 empty :=
 space := $(empty) $(empty)
@@ -44,15 +56,16 @@ data/$(DATA)/dataset.pt: data/$(DATA)/prepare.flags | install
 run: install data/$(DATA)/dataset.pt
 	set -e; for s in $(SEEDS); do \
 	  $(BIN)/python pretrain.py $(FLAGS) --seed $$s; \
-	  $(BIN)/python align.py $(FLAGS) --gamma 0.1 --seed $$s; \
+	  $(if $(filter recipe,$(PRESET)),$(BIN)/python baselines.py --method morec $(FLAGS) --seed $$s;) \
+	  $(BIN)/python align.py $(FLAGS) --seed $$s; \
 	  $(BIN)/python finetune.py $(FLAGS) --seed $$s; \
 	done
 	$(MAKE) --no-print-directory table
 
 table:
 	@$(BIN)/python evaluate.py --table \
-	  "SASRec=$(call commas,$(foreach s,$(SEEDS),$(RUNS)/pretrain_sasrec_seed$(s).json))" \
-	  "PAD=$(call commas,$(foreach s,$(SEEDS),$(RUNS)/$(PAD_RUN)_seed$(s).json))"
+	  "$(subst -, ,$(word 1,$(LABELS_$(PRESET))))=$(call commas,$(foreach s,$(SEEDS),$(RUNS)/$(SASREC_RUN_$(PRESET))_seed$(s).json))" \
+	  "$(subst -, ,$(word 2,$(LABELS_$(PRESET))))=$(call commas,$(foreach s,$(SEEDS),$(RUNS)/$(PAD_RUN_$(PRESET))_seed$(s).json))"
 
 test: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15 tests

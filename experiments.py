@@ -871,8 +871,9 @@ def main():
     p.add_argument("--runs", default="runs", help="checkpoints go to RUNS/NAME/")
     p.add_argument("--results", default="results", help="tables and figures go to RESULTS/NAME/ (EXP.md; with --preset P, EXP-P.md)")
     p.add_argument("--max-pairs", type=int, default=5000, help="fig6: behaviour-target pairs per bucket")
-    p.add_argument("--preset", default="none", choices=tuple(PRESETS),
-                   help="every run with this --preset (trainer.PRESETS; e.g. authors), named _PRESET; tables EXP-PRESET.md")
+    p.add_argument("--preset", default="none", choices=("none", "authors"),
+                   help="every run with this --preset (trainer.PRESETS), named _PRESET; tables EXP-PRESET.md (the "
+                        "recipe preset's configuration is a row of verdict and phase3 already)")
     p.add_argument("--only", nargs="+", metavar="LABEL",
                    help="run and report only these labels of the chosen experiments, e.g. SASRec text-kNN PAD")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do, run nothing")

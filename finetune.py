@@ -71,7 +71,8 @@ def main():
                         "the validation users is ranked by a gate fit on the others (the model kept is fit on all)")
     p.add_argument("--llm-init", default=None,
                    help="a baselines.py --method morec run that seeds the LLM expert (as MAKE does; beyond the paper, "
-                        "whose Alg. 1 line 15 loads the ID and alignment experts only); default: a new LLM expert")
+                        "whose Alg. 1 line 15 loads the ID and alignment experts only), or 'morec': that run of this "
+                        "seed, loss, text flags and preset under runs/NAME/; default: a new LLM expert")
     add_text_args(p, inherit=True)
     args = parse_args(p, "finetune")
 
@@ -84,6 +85,9 @@ def main():
                                                  **DEFAULT_ALIGN, text=text_of(args)))
     else:
         args.align = None
+    if args.llm_init == "morec":  # the MoRec run of this seed, loss, text flags and preset
+        args.llm_init = str(run_path(name, "baseline", method="morec", backbone=args.backbone, seed=args.seed, **tags,
+                                     text=text_of(args)))
     if args.llm_init and "llm" not in args.experts:
         raise SystemExit(f"--llm-init {args.llm_init}: seeds the LLM expert, which --experts {','.join(args.experts)} leaves out")
     if args.gate_fit == "valid-only" and "llm" in args.experts and not args.llm_init:
@@ -155,10 +159,12 @@ def main():
 def expert_losses(args):
     """DEVIATION (--aux-weight w, beyond the paper): phase 3's extra term w * sum_k L_REC(o_k),
     each expert's own loss on the batch beside the loss of Eq. (11)'s mixture, so that an expert
-    the gate turns down still learns to rank on its own."""
+    the gate turns down still learns to rank on its own. The text expert is left out: it has no
+    representation to keep, only its scale, which is fit with the gate."""
     def term(model, seq, pos, neg):
         mask = (seq != 0) & (pos != 0)  # trainer.fit's real positions
-        losses = {k: rec_loss(e, seq, pos, neg, mask, args.loss, args.ce_chunk) for k, e in model.experts.items()}
+        losses = {k: rec_loss(e, seq, pos, neg, mask, args.loss, args.ce_chunk) for k, e in model.experts.items()
+                  if k != "text"}
         return args.aux_weight * sum(losses.values()), {f"{k}-{args.loss}": v.detach() for k, v in losses.items()}
     return term
 

@@ -74,8 +74,9 @@ def add_training_args(p):
                         "as a miss, since all earlier items are masked (the authors' rule)")
     p.add_argument("--eval-batch-size", type=int, default=512, help="users ranked at once in evaluation (bounds memory)")
     p.add_argument("--preset", default="none", choices=tuple(PRESETS),
-                   help="authors: the settings of the authors' release (506c72d) where the paper is silent, as "
-                        "defaults that any flag given on the command line overrides (trainer.PRESETS)")
+                   help="authors: the settings of the authors' release (506c72d) where the paper is silent; recipe: "
+                        "the text-path recipe (beyond the paper); either as defaults that any flag given on the command "
+                        "line overrides (trainer.PRESETS); its runs are named _PRESET")
     p.add_argument("--out", default=None, help="checkpoint path; default runs/NAME/<script>_<settings>_seedS.pt")
     p.add_argument("--overwrite", action="store_true",
                    help="retrain and replace OUT even when it is a finished run (by default a finished run with the "
@@ -124,6 +125,16 @@ PRESETS = {
                 "batch_size": 16},
         "align": {"gamma": 0.2, "mmd_rows": "batch", "fuse_dropout": 0.1, "tau": 0.1},
         "finetune": {"lr": 1e-4, "gate": "bucket", "gate_init": "ramp", "gate_weight_decay": 0.01},
+    },
+    # --preset recipe (beyond the paper): the text-path recipe, chosen on validation (results/experiments.md):
+    # CE in every phase, f_MLP one linear layer on the standardised table, the LLM expert from the
+    # CE MoRec run (baselines.py --method morec), the experts as phases 1-2 and MoRec left them,
+    # the gate fit on validation
+    "recipe": {
+        "all": {"loss": "ce"},
+        "align": {"text_norm": "standard", "text_layers": 0},
+        "baselines": {"text_norm": "standard", "text_layers": 0},
+        "finetune": {"text_norm": "standard", "text_layers": 0, "gate_fit": "valid-only", "llm_init": "morec"},
     },
 }
 

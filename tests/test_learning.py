@@ -148,12 +148,14 @@ def test_finetune_beats_its_start(work, dataset, phase1, phase2):
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no `make` on this machine")
-def test_make_run_on_the_tiny_data(tmp_path, dataset):
-    """`make run DATA=learntest` in a copy of the repository's scripts (nothing under the real
-    data/ or runs/ is touched): data/learntest/ holds the dataset and the prepare flags make
-    writes, so prepare_data.py is not run; the install step is marked done and BIN is this
-    interpreter's folder. FLAGS is the Makefile's own (--data --device --threads) with short
-    training: the Makefile has no variable for extra phase flags."""
+@pytest.mark.parametrize("preset", ["none", "recipe"])
+def test_make_run_on_the_tiny_data(tmp_path, dataset, preset):
+    """`make run DATA=learntest [PRESET=recipe]` in a copy of the repository's scripts (nothing
+    under the real data/ or runs/ is touched): data/learntest/ holds the dataset and the prepare
+    flags make writes, so prepare_data.py is not run; the install step is marked done and BIN is
+    this interpreter's folder. FLAGS is the Makefile's own (--data --device --preset --threads)
+    with short training: the Makefile has no variable for extra phase flags. PRESET=recipe also
+    trains the CE MoRec run and fits the gate of its experts on validation."""
     copy = tmp_path / "repo"
     copy.mkdir()
     for f in [*ROOT.glob("*.py"), ROOT / "Makefile", ROOT / "requirements.txt"]:
@@ -167,19 +169,27 @@ def test_make_run_on_the_tiny_data(tmp_path, dataset):
     later = (data / "prepare.flags").stat().st_mtime + 10
     os.utime(data / "dataset.pt", (later, later))  # newer than its flags: up to date
     before = (data / "dataset.pt").read_bytes()
-    flags = f"--data {NAME} --device cpu --threads 1 --epochs 2 --batch-size 32 --lr 3e-3 --quiet"
-    r = subprocess.run(["make", "-C", str(copy), "run", f"DATA={NAME}", f"BIN={Path(sys.executable).parent}",
-                        f"FLAGS={flags}"], env=ENV, capture_output=True, text=True, timeout=600)
+    flags = f"--data {NAME} --device cpu --preset {preset} --threads 1 --epochs 2 --batch-size 32 --lr 3e-3 --quiet"
+    r = subprocess.run(["make", "-C", str(copy), "run", f"DATA={NAME}", f"PRESET={preset}",
+                        f"BIN={Path(sys.executable).parent}", f"FLAGS={flags}"], env=ENV, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, f"make run failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     assert "prepare_data.py" not in r.stdout and (data / "dataset.pt").read_bytes() == before
     runs = copy / "runs" / NAME
-    p1, p2 = runs / "pretrain_sasrec_seed0.pt", runs / "align_sasrec_gaussian_rec_gamma0.1_seed0.pt"
-    p3 = runs / "finetune_sasrec_freq_id-align-llm_gaussian_rec_gamma0.1_seed0.pt"
+    tag = "" if preset == "none" else "_text-std-l0_ce_recipe"
+    p1 = runs / ("pretrain_sasrec_seed0.pt" if preset == "none" else "pretrain_sasrec_ce_recipe_seed0.pt")
+    p2 = runs / f"align_sasrec_gaussian_rec_gamma0.1{tag}_seed0.pt"
+    p3 = runs / ("finetune_sasrec_freq_id-align-llm_gaussian_rec_gamma0.1_seed0.pt" if preset == "none" else
+                 f"finetune_sasrec_freq-validonly_id-align-llm_gaussian_rec_gamma0.1_llm-morec{tag}_seed0.pt")
+    morec = runs / f"baseline_morec_sasrec{tag}_seed0.pt"
     m1, m2, m3 = (metrics(p) for p in (p1, p2, p3))
     assert m2["init"] == str(p1.relative_to(copy))  # each phase starts from the one before
-    assert m3["init"] == {"id": str(p1.relative_to(copy)), "align": str(p2.relative_to(copy))}
+    assert m3["init"] == {"id": str(p1.relative_to(copy)), "align": str(p2.relative_to(copy)),
+                          **({"llm": str(morec.relative_to(copy))} if preset == "recipe" else {})}
+    assert (m3["epochs"] == []) == (preset == "recipe")  # the recipe fits the gate alone, on validation
     table = [[c.strip() for c in line.strip("|").split("|")] for line in r.stdout.splitlines() if line.startswith("| ")]
     rows = {row[0]: row for row in table[1:]}
-    for label, m in (("SASRec", m1), ("PAD", m3)):
+    labels = ("SASRec", "PAD") if preset == "none" else ("SASRec (CE)", "PAD (recipe)")
+    for label, m in zip(labels, (m1, m3)):
         assert rows[label][2:4] == [f"{m['test']['HR@10']:.2f}", f"{m['test']['nDCG@10']:.2f}"], rows
         assert m["test"]["nDCG@10"] > 80, (label, m["epochs"])  # the next item first
