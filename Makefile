@@ -6,7 +6,7 @@
 # Variables: DATA (prepared dataset name), SEEDS (space-separated), DEVICE (cpu|cuda),
 # PREPARE (extra flags for prepare_data.py, e.g. "--raw-dir raw/MIND --encoder llm2vec";
 # changing them re-prepares), THREADS (threads per process), FORCE=1 (retrain finished runs),
-# PRESET (none: the paper's configuration; recipe; authors: trainer.PRESETS).
+# PRESET (none: the paper's configuration; recipe: the text-path recipe, trainer.PRESETS).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -18,6 +18,7 @@ THREADS ?=
 FORCE ?=
 PRESET ?= none
 RUNS := runs/$(DATA)
+$(if $(filter none recipe,$(PRESET)),,$(error PRESET=$(PRESET): none or recipe))
 # each preset's phase-1 and phase-3 runs, as the scripts name them (dataset.run_path), and their table labels
 SASREC_RUN_none := pretrain_sasrec
 PAD_RUN_none := finetune_sasrec_freq_id-align-llm_gaussian_rec_gamma0.1
@@ -25,9 +26,6 @@ LABELS_none := SASRec PAD
 SASREC_RUN_recipe := pretrain_sasrec_ce_recipe
 PAD_RUN_recipe := finetune_sasrec_freq-validonly_id-align-llm_gaussian_rec_gamma0.1_llm-morec_text-std-l0_ce_recipe
 LABELS_recipe := SASRec-(CE) PAD-(recipe)
-SASREC_RUN_authors := pretrain_sasrec_authors
-PAD_RUN_authors := finetune_sasrec_bucket_id-align-llm_gaussian_rec_gamma0.2_authors
-LABELS_authors := SASRec PAD
 FLAGS := --data $(DATA) --device $(DEVICE) --preset $(PRESET) $(if $(THREADS),--threads $(THREADS)) $(if $(FORCE),--overwrite)
 comma := ,
 empty :=

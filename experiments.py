@@ -664,12 +664,16 @@ def screen(all_rows, keep_test=False):
     return kept, {"chosen": order[0], "order": order}
 
 
+def cell(rs, m):
+    """A metric of a label's rows: mean ± std over seeds, or the value of one seed."""
+    return " ± ".join(f"{v:.2f}" for v in mean_std([r[m] for r in rs])) if len(rs) > 1 else f"{rs[0][m]:.2f}"
+
+
 def screen_md(t, summary):
     md = ["| rank | variant | seeds | valid HR@10 | valid nDCG@10 | test HR@10 | test nDCG@10 |", "|---|---|---|---|---|---|---|"]
     for i, lb in enumerate(summary["order"], 1):
         rs, chosen = t[lb], lb == summary["chosen"]
-        cells = [" ± ".join(f"{v:.2f}" for v in mean_std([r[m] for r in rs])) if len(rs) > 1 else f"{rs[0][m]:.2f}"
-                 for m in ["valid HR@10", "valid nDCG@10", *(["HR@10", "nDCG@10"] if chosen else [])]]
+        cells = [cell(rs, m) for m in ["valid HR@10", "valid nDCG@10", *(["HR@10", "nDCG@10"] if chosen else [])]]
         md.append(f"| {i} | {lb}{' (chosen)' if chosen else ''} | {len(rs)} | " + " | ".join(cells + ["", ""] * (not chosen)) + " |")
     return md + ["\nChosen by mean validation nDCG@10 over the seeds (a gate fit on validation scored cross-fitted); "
                  "test is reported for the chosen variant only."]
@@ -682,8 +686,7 @@ def phase3_md(t, summary):
     md = ["| rank | variant | seeds | " + " | ".join(metrics) + " | gate shares |", "|---|---|---|" + "---|" * (len(metrics) + 1)]
     for i, lb in enumerate(summary["order"], 1):
         rs = t[lb]
-        cells = [" ± ".join(f"{v:.2f}" for v in mean_std([r[m] for r in rs])) if len(rs) > 1 else f"{rs[0][m]:.2f}"
-                 for m in metrics]
+        cells = [cell(rs, m) for m in metrics]
         shares = gate_shares(rs) if all("gate_per_bucket" in r for r in rs) else ""
         md.append(f"| {i} | {lb}{' (chosen)' if lb == summary['chosen'] else ''} | {len(rs)} | " + " | ".join(cells)
                   + f" | {shares} |")

@@ -545,10 +545,10 @@ def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
     trained = [(n, w) for n, w in model.named_parameters() if w.requires_grad]
     # finetune.py: the gate (and --bucket-bias) may decay differently, the experts learn at --expert-lr
     gate_decay, expert_lr = getattr(args, "gate_weight_decay", None), getattr(args, "expert_lr", None)
-    is_gate = lambda n: n.startswith("gate.") or n == "bias"  # noqa: E731
+    gate = {n for n, _ in trained if n.startswith("gate.") or n == "bias"}
     groups = [{"params": [w for _, w in trained]}] if gate_decay is None and expert_lr is None else [
-        {"params": [w for n, w in trained if not is_gate(n)], **({} if expert_lr is None else {"lr": expert_lr})},
-        {"params": [w for n, w in trained if is_gate(n)], **({} if gate_decay is None else {"weight_decay": gate_decay})}]
+        {"params": [w for n, w in trained if n not in gate], **({} if expert_lr is None else {"lr": expert_lr})},
+        {"params": [w for n, w in trained if n in gate], **({} if gate_decay is None else {"weight_decay": gate_decay})}]
     opt = adamw(groups, args)
     compiled_loss = compile_loss(step_loss, args)
     gen = torch.Generator(device).manual_seed(args.seed)  # negatives and batch order, drawn where training runs
