@@ -19,7 +19,7 @@ FORCE ?=
 PRESET ?= none
 RUNS := runs/$(DATA)
 $(if $(filter none recipe,$(PRESET)),,$(error PRESET=$(PRESET): none or recipe))
-# each preset's phase-1 and phase-3 runs, as the scripts name them (dataset.run_path), and their table labels
+# each preset's phase-1 and phase-3 runs, as the scripts name them (runs.run_path), and their table labels
 SASREC_RUN_none := pretrain_sasrec
 PAD_RUN_none := finetune_sasrec_freq_id-align-llm_gaussian_rec_gamma0.1
 LABELS_none := SASRec PAD

@@ -8,14 +8,15 @@ writes runs/NAME/align_BACKBONE_KERNEL_ANCHOR_gammaG_seedS.pt with a metrics .js
 The alignment expert starts from the phase-1 ID table and encoder; its text side is the
 frozen text table through a new reduction MLP f_MLP (Eq. 7).
 """
-import argparse
+from functools import partial
 
 import torch
 
-from dataset import DEFAULT_ALIGN, run_path, text_of
 from mmd import KERNELS, TAU, alignment_loss
-from models import BACKBONES, make_expert, model_from_checkpoint, read_checkpoint
-from trainer import add_text_args, add_training_args, finish, fit, is_main_process, parse_args, reuse_finished, setup
+from models import BACKBONES, make_expert
+from runs import DEFAULT_ALIGN, model_from_checkpoint, read_checkpoint, reuse_finished, run_path, text_of
+from trainer import (add_text_args, add_training_args, finish, fit, is_main_process, parse_args, parser,
+                     rec_loss, setup)
 
 ANCHORS = ("rec", "none", "frozen")
 
@@ -46,45 +47,53 @@ def mmd_rows(seq, pos, neg, rows, sample):
     return items, real
 
 
-def mmd_term(args):
-    """The extra loss of phase 2 for fit(): (model, seq, pos, neg) -> (γ · MMD, {kernel: MMD})."""
+def phase2_loss(model, seq, pos, neg, mask, gamma, kernel="gaussian", anchor="rec", rows="items", sample=512,
+                tau=TAU, loss="bce", ce_chunk=0):
+    """Alg. 1 lines 10-12, Eq. (4): L = L_REC + γ · D_k²({h^s}, {h^c}), the MK-MMD (Eq. 5) between
+    the alignment expert's text side h^s = f_MLP(SG(h_text)) (Eq. 7) and its ID side h^c, over the
+    batch's items (mmd_rows). anchor (Sec. 4.4): rec, Eq. (4); frozen, SG(h^c) in the MMD;
+    none, γ · MMD alone (L_REC still logged). -> (loss, {name: value to log})"""
+    with torch.set_grad_enabled(anchor != "none"):
+        l_rec = rec_loss(model, seq, pos, neg, mask, loss, ce_chunk)  # Eq. (6)
+    items, real = mmd_rows(seq, pos, neg, rows, sample)  # (S,) each
+    h_c, h_s = model.items.parts(items)  # (S, d) each
+    if anchor == "frozen":
+        h_c = h_c.detach()  # SG(D_rec): the collaborative side is not moved by the MMD
+    with torch.autocast(items.device.type, enabled=False):  # kernels in float32, also under bf16 autocast
+        l_mmd = alignment_loss(kernel, h_s.float(), h_c.float(), mask=real, **({"tau": tau} if kernel == "infonce" else {}))
+    logs = {loss: l_rec.detach(), kernel: l_mmd}
+    if anchor == "none":
+        return gamma * l_mmd, logs  # Non-Anchored
+    return l_rec + gamma * l_mmd, logs  # Eq. (4)
 
-    # --- Eq. (4)-(5): L = L_REC + γ · D_k²({h^s}_a, {h^c}_a) over the batch's items ---
-    def term(model, seq, pos, neg):
-        items, real = mmd_rows(seq, pos, neg, args.mmd_rows, args.mmd_sample)  # (S,) each
-        h_c, h_s = model.items.parts(items)  # (S, d) each
-        if args.anchor == "frozen":
-            h_c = h_c.detach()  # SG(D_rec): the collaborative side is not moved by the MMD
-        with torch.autocast(items.device.type, enabled=False):  # kernels in float32, also under bf16 autocast
-            tau = {"tau": args.tau} if args.kernel == "infonce" else {}
-            mmd = alignment_loss(args.kernel, h_s.float(), h_c.float(), mask=real, **tau)
-        return args.gamma * mmd, {args.kernel: mmd}
 
-    return term
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_args(p)
-    p.add_argument("--backbone", default="sasrec", choices=BACKBONES, help="backbone of the phase-1 checkpoint to start from")
-    p.add_argument("--init", default=None, help="phase-1 checkpoint; default runs/NAME/pretrain_BACKBONE_seedS.pt")
-    p.add_argument("--gamma", type=float, default=DEFAULT_ALIGN["gamma"], help="γ in Eq. (4), weight of the MK-MMD loss; not given in the paper (the authors' release hard-codes 0.2); 0 = no alignment (SMEM)")
-    p.add_argument("--kernel", default=DEFAULT_ALIGN["kernel"], choices=KERNELS, help="alignment loss: MK-MMD kernel (Eq. 12, 17, 14, 15) or InfoNCE (Eq. 16); paper: gaussian")
-    p.add_argument("--anchor", default=DEFAULT_ALIGN["anchor"], choices=ANCHORS,
-                   help="rec: L_REC + γ·MMD (paper); none: MMD only (Non-Anchored); frozen: L_REC + γ·MMD(h_s, SG(h_c)) (Sec. 4.4)")
-    p.add_argument("--mmd-rows", default="items", choices=("items", "batch"),
-                   help="rows of the MMD: the batch's real behaviour items, or every slot of the batch (window, last "
-                        "target, negatives, padding: the authors' release); paper: not given")
-    p.add_argument("--fuse-dropout", type=float, default=0.0,
-                   help="dropout before the alignment expert's fusion layer (authors' release: 0.1; paper: not given)")
-    add_text_args(p)
-    p.add_argument("--tau", type=float, default=TAU, help="InfoNCE temperature τ of Eq. (16) (--kernel infonce); "
-                   "paper: not given; authors' release: 0.1")
-    p.add_argument("--mmd-sample", type=int, default=512, help="at most this many real behaviour items per batch enter the MMD (not in the paper; the authors' release feeds every slot of the batch: inputs, targets, negatives and padding)")
+def flags():
+    p, g = parser(__doc__, "align", "phase 2: Eq. (4)-(7), Alg. 1 lines 7-14")
+    e = g["equation"]
+    e.add_argument("--gamma", type=float, default=DEFAULT_ALIGN["gamma"],
+                   help="γ of Eq. (4), the MK-MMD's weight; paper: not given (README: Deviations); 0: SMEM")
+    e.add_argument("--kernel", default=DEFAULT_ALIGN["kernel"], choices=KERNELS,
+                   help="Eq. (12), (17), (14), (15) or InfoNCE (16); paper: gaussian")
+    e.add_argument("--anchor", default=DEFAULT_ALIGN["anchor"], choices=ANCHORS,
+                   help="rec: Eq. (4); none: MMD only; frozen: MMD(h_s, SG(h_c)) (Sec. 4.4); paper: rec")
+    e.add_argument("--backbone", default="sasrec", choices=BACKBONES, help="backbone of the phase-1 run")
+    e.add_argument("--init", default=None, help="phase-1 checkpoint; default runs/NAME/pretrain_BACKBONE_seedS.pt")
+    add_training_args(p, g)
+    add_text_args(p, g)
+    g["authors"].add_argument("--mmd-rows", default="items", choices=("items", "batch"),
+                              help="the MMD's rows: the batch's real items; authors' release: batch (every slot)")
+    g["authors"].add_argument("--fuse-dropout", type=float, default=0.0,
+                              help="dropout before the fusion layer; authors' release: 0.1")
+    g["authors"].add_argument("--tau", type=float, default=TAU, help="InfoNCE τ of Eq. (16); authors' release: 0.1")
+    g["beyond"].add_argument("--mmd-sample", type=int, default=512, help="at most this many rows enter the MMD")
     args = parse_args(p, "align")
     if args.anchor == "none" and args.gamma == 0:
         raise SystemExit("--anchor none with --gamma 0 leaves no loss to train; use --gamma > 0 or --anchor rec")
+    return args
 
+
+def main():
+    args = flags()
     data, device = setup(args)
     args.init = str(args.init or run_path(data["name"], "pretrain", backbone=args.backbone, seed=args.seed,
                                           loss=args.loss, preset=args.preset))
@@ -97,14 +106,17 @@ def main():
     model_args = {**ckpt1["model_args"], "expert": "align", "fuse_dropout": args.fuse_dropout,
                   "text_norm": args.text_norm, "text_layers": args.text_layers, "text_out": args.text_out}
 
-    # --- The alignment expert: phase-1 ID table h^c and encoder, new f_MLP over SG(h_text) ---
+    # --- Alg. 1 line 7, Eq. (6)-(7): the alignment expert, phase 1's ID table h^c and encoder, a new f_MLP ---
     model = make_expert("align", data["n_items"], data["text_emb"], model_args)
     model.items.id.load_state_dict(phase1.items.state_dict())
     model.encoder.load_state_dict(phase1.encoder.state_dict())
     model.to(device)
 
+    # --- Alg. 1 lines 8-13, Eq. (4): L_REC + γ · MK-MMD(h^s, h^c) ---
     print(f"phase 2: kernel {args.kernel}, anchor {args.anchor}, gamma {args.gamma:g}, from {args.init}")
-    model, log = fit(model, data, args, out, extra_loss=mmd_term(args), use_rec_loss=args.anchor != "none")
+    loss_fn = partial(phase2_loss, gamma=args.gamma, kernel=args.kernel, anchor=args.anchor, rows=args.mmd_rows,
+                      sample=args.mmd_sample, tau=args.tau, loss=args.loss, ce_chunk=args.ce_chunk)
+    model, log = fit(model, data, args, out, loss_fn)
     if is_main_process():  # under torchrun, rank 0 tests and writes
         finish(model, model_args, data, args, 2, log, out, extra={"init": args.init})
 

@@ -13,7 +13,7 @@ import math
 import torch
 
 from dataset import load_dataset
-from models import check_checkpoint, read_checkpoint
+from runs import check_checkpoint, read_checkpoint
 
 
 def kendall_tau(a, b, chunk=1024):

@@ -23,16 +23,18 @@ both). Writes runs/NAME/baseline_METHOD_BACKBONE_seedS.pt and a metrics .json be
 (CTRL also its stage-1 table, OUT.stage1.pt). The choices each baseline pins down where the
 paper is brief are in results/experiments.md.
 """
-import argparse
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from dataset import atomic_save, run_path, split_sequences, text_of
+from dataset import atomic_save, split_sequences
 from mmd import TAU, info_nce
-from models import BACKBONES, build_model, check_checkpoint, disco_losses, make_expert, model_from_checkpoint, read_checkpoint
-from trainer import (add_model_args, add_training_args, finish, fit, is_main_process, match_text_args, model_config,
-                     parse_args, reuse_finished, setup)
+from models import BACKBONES, build_model, disco_losses, make_expert
+from runs import (check_checkpoint, match_text_args, model_from_checkpoint, read_checkpoint, reuse_finished, run_path,
+                  text_of)
+from trainer import (add_model_args, add_training_args, finish, fit, is_main_process, model_config,
+                     parse_args, parser, rec_loss, setup)
 
 METHODS = ("hybrid", "morec", "ctrl", "make", "disco", "textknn")
 
@@ -64,22 +66,37 @@ def ctrl_stage1(model, data, args, device):
     return model
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_args(p)
-    p.add_argument("--method", required=True, choices=METHODS, help="which Table 2 baseline")
-    p.add_argument("--backbone", default="sasrec", choices=BACKBONES, help="sequential recommender; paper: sasrec")
-    add_model_args(p)
-    p.add_argument("--ctrl-epochs", type=int, default=20, help="ctrl: epochs of the contrastive stage 1")
-    p.add_argument("--ctrl-tau", type=float, default=TAU, help="ctrl: InfoNCE temperature")
-    p.add_argument("--morec", default=None, help="make: the morec checkpoint seeding the LLM expert; "
-                   "default runs/NAME/baseline_morec_BACKBONE_seedS.pt")
-    p.add_argument("--sufficiency", type=float, default=0.1, help="disco: weight of the sufficiency loss")
-    p.add_argument("--disentangle", type=float, default=0.1, help="disco: weight of the disentanglement loss")
-    p.add_argument("--knn", default="last", choices=("last", "mean"),
-                   help="textknn: the query is the window's last item or the mean of its items")
-    args = parse_args(p, "baselines")
+def baseline_loss(model, seq, pos, neg, mask, loss="bce", ce_chunk=0, disco=None):
+    """A baseline's training loss: L_REC (Eq. 1, or --loss ce); DisCo adds, with
+    disco = (sufficiency, disentangle) weights, its two terms (models.disco_losses).
+    -> (loss, {name: value to log})"""
+    l_rec = rec_loss(model, seq, pos, neg, mask, loss, ce_chunk)
+    if disco is None:
+        return l_rec, {loss: l_rec.detach()}
+    sufficiency, disentangle = disco_losses(model, seq, pos)
+    return (l_rec + (disco[0] * sufficiency + disco[1] * disentangle),
+            {loss: l_rec.detach(), "sufficiency": sufficiency, "disentangle": disentangle})
 
+
+def flags():
+    p, g = parser(__doc__, "baselines", "the baseline (Sec. 4.1.3, Table 2)")
+    e = g["equation"]
+    e.add_argument("--method", required=True, choices=METHODS, help="which Table 2 baseline")
+    e.add_argument("--backbone", default="sasrec", choices=BACKBONES, help="sequential recommender; paper: sasrec")
+    e.add_argument("--ctrl-epochs", type=int, default=20, help="ctrl: epochs of the contrastive stage 1")
+    e.add_argument("--ctrl-tau", type=float, default=TAU, help="ctrl: InfoNCE temperature")
+    e.add_argument("--morec", default=None, help="make: the morec run seeding the LLM expert; default: this seed's")
+    e.add_argument("--sufficiency", type=float, default=0.1, help="disco: weight of the sufficiency loss")
+    e.add_argument("--disentangle", type=float, default=0.1, help="disco: weight of the disentanglement loss")
+    e.add_argument("--knn", default="last", choices=("last", "mean"),
+                   help="textknn: the query is the window's last item or its mean")
+    add_training_args(p, g)
+    add_model_args(p, g)
+    return parse_args(p, "baselines")
+
+
+def main():
+    args = flags()
     data, device = setup(args)
     name = data["name"]
     tags = {"loss": args.loss, "preset": args.preset, "text": {} if args.method == "textknn" else text_of(args)}
@@ -96,17 +113,14 @@ def main():
         print(f"baseline text-kNN ({args.knn}): cosine of frozen text embeddings, nothing trained")
         finish(model, model_args, data, args, "baseline textknn", [], out)
         return
-    cfg = {"kind": "expert", **model_config(data, args)}
-    phase, extra_loss, extra = f"baseline {args.method}", None, {}
+    cfg = {"kind": "expert", **model_config(data, args), "fuse_dropout": 0.0}  # complete model_args (runs.MODEL_ARGS)
+    phase, disco, extra = f"baseline {args.method}", None, {}
 
     if args.method in ("hybrid", "morec", "disco"):
         model_args = {**cfg, "expert": {"hybrid": "align", "morec": "llm", "disco": "disco"}[args.method]}
         model = make_expert(model_args["expert"], data["n_items"], data["text_emb"], model_args)
         if args.method == "disco":
-            def extra_loss(model, seq, pos, neg):
-                sufficiency, disentangle = disco_losses(model, seq, pos)
-                return (args.sufficiency * sufficiency + args.disentangle * disentangle,
-                        {"sufficiency": sufficiency, "disentangle": disentangle})
+            disco = (args.sufficiency, args.disentangle)
     elif args.method == "ctrl":
         stage1_path = Path(out).with_suffix(".stage1.pt")
         stage1_args = {**cfg, "expert": "align"}
@@ -130,14 +144,15 @@ def main():
         ckpt = read_checkpoint(morec)
         check_checkpoint(ckpt, data, morec, phase="baseline morec", backbone=args.backbone, like=cfg)
         match_text_args(args, ckpt["model_args"], morec)
-        model_args = {**cfg, "kind": "pad", "experts": ["id", "llm"], "gate": "none"}
+        model_args = {**cfg, "kind": "pad", "experts": ["id", "llm"], "gate": "none", "gate_init": "uniform",
+                      "bucket_bias": False}
         model = build_model(model_args, data)
         model.experts["llm"].load_state_dict(model_from_checkpoint(ckpt, data, morec).state_dict())
         extra = {"init": morec}
     model.to(device)
 
     print(f"baseline {args.method} on {args.backbone}")
-    model, log = fit(model, data, args, out, extra_loss=extra_loss)
+    model, log = fit(model, data, args, out, partial(baseline_loss, loss=args.loss, ce_chunk=args.ce_chunk, disco=disco))
     if args.method == "make":
         extra["expert_weights"] = dict(zip(model.experts, torch.softmax(model.gate.v, 0).tolist()))
         print(f"fused expert weights: {extra['expert_weights']}")

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from dataset import GROUPS, bucket_groups, history_before_target, load_dataset, split_sequences
-from models import Blend, TextKNN, model_from_checkpoint, read_checkpoint
+from models import Blend, TextKNN
+from runs import model_from_checkpoint, read_checkpoint
 
 
 def parse_device(name):
@@ -37,6 +38,14 @@ def parse_device(name):
 # --- HR@k and nDCG@k over the full item set ----------------------------------------------
 
 
+def mask_seen(scores, history):
+    """Scores (B, N+1) with padding (column 0) and the user's earlier items history (B, H) at
+    -inf: out of the ranking, and out of a softmax over the items (gate_fit.fit_gate)."""
+    masked = scores.scatter(1, history, -math.inf)
+    masked[:, 0] = -math.inf
+    return masked
+
+
 def target_ranks(scores, target, history, keep_repeats=False):
     """0-based rank of each target among all items (B, N+1) -> (B,).
 
@@ -47,8 +56,7 @@ def target_ranks(scores, target, history, keep_repeats=False):
     """
     scores = scores.float()
     s_target = scores.gather(1, target[:, None])  # (B, 1)
-    others = scores.scatter(1, history, -math.inf).scatter(1, target[:, None], -math.inf)
-    others[:, 0] = -math.inf
+    others = mask_seen(scores, history).scatter(1, target[:, None], -math.inf)
     ranks = (others >= s_target).sum(1)  # (B,)
     if keep_repeats:
         return ranks

@@ -54,9 +54,9 @@ import torch
 from tqdm import tqdm
 
 from analysis import embedding_kendall_tau, embedding_table
-from dataset import DEFAULT_ALIGN, GATE_FITS, GROUPS, align_tag, atomic_write_text, bucket_groups, load_dataset, run_path
+from dataset import GROUPS, atomic_write_text, bucket_groups, load_dataset
 from evaluate import hr_ndcg, mean_std, metric_row, summary_table
-from models import model_from_checkpoint, read_checkpoint
+from runs import DEFAULT_ALIGN, GATE_FITS, align_tag, model_from_checkpoint, read_checkpoint, run_path
 from trainer import AUTHORS_INFONCE_WEIGHT, PRESETS
 
 EXPERIMENTS = ("table2", "table3", "fig2", "fig3", "fig4", "fig5", "fig6", "deviations", "verdict", "screen", "phase3")
@@ -146,7 +146,7 @@ class Run:
 
 class Plan:
     """The runs of one dataset and backbone-seed grid, each built once (shared by experiments),
-    named by dataset.run_path as the scripts name their own output."""
+    named by runs.run_path as the scripts name their own output."""
 
     def __init__(self, runs, data, preset="none", gamma=None, gate=None):
         self.runs_root, self.data, self.preset, self.runs = Path(runs), data, preset, {}  # runs go to RUNS/NAME/

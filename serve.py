@@ -14,7 +14,7 @@ import torch
 
 from dataset import load_dataset
 from evaluate import parse_device
-from models import model_from_checkpoint, read_checkpoint
+from runs import model_from_checkpoint, read_checkpoint
 
 
 @torch.no_grad()

@@ -3,115 +3,109 @@
     pretrain.py, align.py, finetune.py, baselines.py:
         data, device = setup(args)            # threads, seed, device, dataset.pt
         if reuse_finished(out, data, args): return
-        model, log = fit(model, data, args, out, extra_loss=...)   # mini-batches, AdamW, early stopping
+        model, log = fit(model, data, args, out, loss_fn)   # mini-batches, AdamW, early stopping
         finish(model, model_args, data, args, phase, log, out)    # test, checkpoint, metrics JSON
 
-Each step's loss is L_REC, the BCE of Eq. (1) / (6) with one sampled negative per position,
-plus the phase's own term (phase 2: γ · MK-MMD, Eq. 4). Around it: the shared flags, the
-per-epoch state behind --resume, the guard that never replaces a finished run made with
-other flags, and PyTorch DDP when a script runs under torchrun:
+loss_fn is the phase's loss, written in its script: L_REC (rec_loss: the BCE of Eq. (1) / (6)
+with one sampled negative per position, or --loss ce), plus phase 2's γ · MK-MMD (Eq. 4).
+Around fit: the shared flags, the per-epoch state behind --resume, the guard that never
+replaces a finished run made with other flags, and PyTorch DDP when a script runs under
+torchrun:
 
     torchrun --nproc_per_node 4 pretrain.py --data mind --device cuda
 
 Each process trains on its share of the users with --batch-size users per step (the global
 batch is --batch-size x processes); rank 0 alone validates, prints and writes.
 """
-import contextlib
+import argparse
 import copy
-import json
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from dataset import atomic_save, atomic_write_text, load_dataset, split_sequences
+from dataset import atomic_save, load_dataset, split_sequences
 from evaluate import evaluate, format_metrics, parse_device, protocol, summarise_ranks, user_ranks
-from models import BLOCKS, TEXT_NORMS, TEXT_OUTS, read_checkpoint
+from models import BLOCKS, TEXT_NORMS, TEXT_OUTS
+from runs import read_state, state_path, write_run
+from speed import add_speed_args, checkpoint_replay, compile_loss, optimizer, step_context
 
 K = 10  # HR@K / nDCG@K of validation and test; paper: 10 (Sec. 4.1.2)
-PRECISIONS = ("auto", "fp32", "bf16")  # --precision
-COMPILE_MODES = ("none", "default", "reduce-overhead")  # --compile
 
 
 # --- Flags every phase shares ------------------------------------------------------------
 
+SECTIONS = ("equation", "training", "authors", "beyond", "run")  # --help's sections, in this order
 
-def add_training_args(p):
-    """Flags every phase shares (Appendix A values in the help)."""
-    p.add_argument("--data", default="ml-100k", help="prepared dataset: a name under data/ or a folder (prepare_data.py)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (paper: results averaged over 3 runs)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast; under torchrun one GPU per process)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of this process (default: PyTorch's, one per core); on a shared or busy CPU "
-                        "set it so that all processes together use no more threads than cores")
-    add_speed_args(p)
-    p.add_argument("--epochs", type=int, default=200, help="maximum number of epochs (early stopping ends sooner)")
+
+class HelpFormat(argparse.RawDescriptionHelpFormatter):
+    """--help: the script's docstring as written; each flag's default after its help, where it has one."""
+
+    def _get_help_string(self, action):
+        shown = action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+        return action.help + (" (default: %(default)s)" if shown else "")
+
+
+def parser(doc, script, equation):
+    """A phase script's argparse parser with --help in the order a reader of the paper needs:
+    the phase's equation, training (Appendix A), the authors' release, beyond the paper, run
+    management and speed. Returns (parser, {section: argument group})."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormat,
+                                usage=f"python {script}.py [flags: the paper's first, below]")
+    titles = {"equation": equation, "training": "training (Appendix A; README: Paper to code)",
+              "authors": "where the paper is silent: the authors' release or ours (README: Deviations)",
+              "beyond": "beyond the paper (results/experiments.md#flags-beyond-the-paper)",
+              "run": "run management and speed"}
+    return p, {k: p.add_argument_group(titles[k]) for k in SECTIONS}
+
+
+def add_training_args(p, groups=None):
+    """Flags every phase shares, each in its --help section (all in p when groups is None)."""
+    g = groups or dict.fromkeys(SECTIONS, p)
+    t, a, b, r = g["training"], g["authors"], g["beyond"], g["run"]
+    add_loss_args(t, r)
+    t.add_argument("--epochs", type=int, default=200, help="maximum epochs (early stopping ends sooner)")
     # DEVIATION: default batch 128 users so that the offline default converges in minutes on a
     # CPU; the paper's Appendix A uses 16 (pass --batch-size 16).
-    p.add_argument("--batch-size", type=int, default=128, help="users per mini-batch; paper: 16 (Appendix A)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (not given in the paper); "
-                   "pretrain.py with --backbone gru4rec defaults to 3e-3")
-    add_loss_args(p)
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay; paper: 0.1 (Appendix A)")
+    t.add_argument("--batch-size", type=int, default=128, help="users per mini-batch; paper: 16")
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate; paper: not given")
+    t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay; paper: 0.1")
     # DEVIATION: early stopping on validation nDCG@10 with patience 10 (Appendix A gives the early-stop
     # epoch 10, no metric), testing the best epoch; the authors' release watches HR@10 with patience
     # about 20 and tests the last epoch (--stop-metric hr --patience 20 --test-epoch last).
-    p.add_argument("--patience", type=int, default=10, help="early stopping: epochs without a better validation "
-                   "--stop-metric; paper: 10 (Appendix A); authors' release: about 20")
-    p.add_argument("--stop-metric", default="ndcg", choices=("ndcg", "hr"),
-                   help="validation metric of early stopping: nDCG@10 or HR@10 (authors' release: hr; paper: not given)")
-    p.add_argument("--test-epoch", default="best", choices=("best", "last"),
-                   help="weights tested and saved: the best validation epoch's or the last epoch's (authors' release: last)")
-    p.add_argument("--keep-repeated-targets", action="store_true",
-                   help="rank a target that repeats an earlier item of the user among the others; default: it counts "
-                        "as a miss, since all earlier items are masked (the authors' rule)")
-    p.add_argument("--eval-batch-size", type=int, default=512, help="users ranked at once in evaluation (bounds memory)")
-    p.add_argument("--preset", default="none", choices=tuple(PRESETS),
-                   help="authors: the settings of the authors' release (506c72d) where the paper is silent; recipe: "
-                        "the text-path recipe (beyond the paper); either as defaults that any flag given on the command "
-                        "line overrides (trainer.PRESETS); its runs are named _PRESET")
-    p.add_argument("--out", default=None, help="checkpoint path; default runs/NAME/<script>_<settings>_seedS.pt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="retrain and replace OUT even when it is a finished run (by default a finished run with the "
-                        "same flags is reused and one with other flags is refused)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars (they show only on a terminal anyway)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from OUT.last.pt (weights, AdamW and RNG state after its latest "
-                        "epoch; removed when a run finishes) with the same flags; --epochs may change")
+    t.add_argument("--patience", type=int, default=10, help="early stopping patience in epochs; paper: 10")
+    t.add_argument("--seed", type=int, default=0, help="random seed; paper: mean of 3 runs")
+    a.add_argument("--preset", default="none", choices=tuple(PRESETS),
+                   help="defaults of a configuration (trainer.PRESETS; flags given win): authors, recipe")
+    a.add_argument("--stop-metric", default="ndcg", choices=("ndcg", "hr"),
+                   help="validation metric of early stopping; authors' release: hr")
+    a.add_argument("--test-epoch", default="best", choices=("best", "last"),
+                   help="weights tested and saved: best validation epoch; authors' release: last")
+    b.add_argument("--keep-repeated-targets", action="store_true",
+                   help="rank a target that repeats an earlier item (default: a miss, the authors' rule)")
+    r.add_argument("--data", default="ml-100k", help="prepared dataset: a name under data/ or a folder")
+    r.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun one GPU per process)")
+    r.add_argument("--threads", type=int, default=None, help="CPU threads of this process (default: one per core)")
+    add_speed_args(r)
+    r.add_argument("--eval-batch-size", type=int, default=512, help="users ranked at once (bounds memory)")
+    r.add_argument("--out", default=None, help="checkpoint path; default runs/NAME/<script>_<settings>_seedS.pt")
+    r.add_argument("--overwrite", action="store_true", help="retrain and replace a finished OUT")
+    r.add_argument("--resume", action="store_true", help="continue a killed run from OUT.last.pt (same flags)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def add_loss_args(p):
-    """L_REC's flags (the phase scripts and benchmarks/bench.py)."""
+def add_loss_args(p, memory=None):
+    """L_REC's flags (the phase scripts and benchmarks/bench.py): --loss in p, --ce-chunk in
+    memory (default p)."""
     p.add_argument("--loss", default="bce", choices=("bce", "ce"),
-                   help="L_REC: bce, Eq. (1) with one sampled negative per position (paper); ce, softmax "
-                        "cross-entropy over all N items (beyond the paper: the strong baseline)")
-    p.add_argument("--ce-chunk", type=int, default=0,
-                   help="--loss ce over chunks of this many items, each chunk's logits recomputed in backward: memory "
-                        "O(B x L x chunk) instead of O(B x L x N), the same loss up to float rounding (e.g. 2048 at "
-                        "Electronics' 423k items: benchmarks/README.md); 0: all N items at once")
-
-
-def add_speed_args(p):
-    """How a training step runs (beyond the paper; the phase scripts and benchmarks/bench.py). Any of
-    them also switches AdamW to its fused kernel; without them a run keeps its earlier numerics."""
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="arithmetic of training steps: bf16 autocast or float32; auto: bf16 on CUDA, float32 on CPU; "
-                        "evaluation is always float32")
-    p.add_argument("--fast-dropout", action="store_true",
-                   help="CPU: every dropout mask, the attention weights' too, from 16 random bits per element (p rounded "
-                        "to 1/65536) instead of torch's draw of a double per element, serial on non-Intel CPUs: "
-                        "other masks from the same seed, the same distribution; attention then runs by its reference "
-                        "formula in the step's precision")
-    p.add_argument("--compile", default="none", choices=COMPILE_MODES,
-                   help="torch.compile the training loss (reduce-overhead: with CUDA graphs); falls back to eager with "
-                        "a note if compiling fails; on a 2-core CPU slower than eager (benchmarks/README.md)")
+                   help="L_REC: bce, Eq. (1), one sampled negative (paper); ce: softmax over all items")
+    (memory or p).add_argument("--ce-chunk", type=int, default=0,
+                               help="--loss ce over chunks of this many items: memory O(B L chunk); 0: all")
 
 
 # --preset authors: the authors' release (Applied-Machine-Learning-Lab/PAD at 506c72d) where the paper
@@ -139,61 +133,40 @@ PRESETS = {
 }
 
 
-FLAG_DEFAULTS = {}  # every flag's default, filled by parse_args: a flag an older run did not record had it
-
-
 def parse_args(p, script):
     """argparse with --preset: the preset's values for `script` become the defaults, then the
     command line is read again, so a flag given explicitly always wins."""
     preset = PRESETS[p.parse_known_args()[0].preset]
     known = {a.dest for a in p._actions}
-    FLAG_DEFAULTS.update({k: p.get_default(k) for k in known})  # before the preset: what a run without it meant
     p.set_defaults(**{k: v for k, v in {**preset.get("all", {}), **preset.get(script, {})}.items() if k in known})
     return p.parse_args()
 
 
-def add_model_args(p):
+def add_model_args(p, groups=None):
     """Sizes of a model built from scratch (pretrain.py, baselines.py); later phases read
     them from the phase-1 checkpoint."""
-    p.add_argument("--d", "--hidden-size", dest="d", type=int, default=128,
-                   help="hidden size d (Fig. 1: 128); under torchrun write --hidden-size, as torchrun reads --d as its own")
-    p.add_argument("--n-blocks", type=int, default=5, help="SASRec self-attention blocks; authors' release: 5")
-    p.add_argument("--n-heads", type=int, default=2, help="SASRec attention heads; authors' release: 2")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout probability; paper: 0.1 (Appendix A)")
-    add_text_args(p)
-    p.add_argument("--sasrec-block", default="ours", choices=BLOCKS,
-                   help="SASRec's block: ours (sqrt(d)-scaled inputs, feed-forward width d) or the authors' release's "
-                        "(LayerNorm on inputs, width 4d, no attention bias, Xavier init); paper: not given")
+    g = groups or dict.fromkeys(SECTIONS, p)
+    g["training"].add_argument("--d", "--hidden-size", dest="d", type=int, default=128,
+                               help="hidden size d; paper: 128 (Fig. 1); under torchrun: --hidden-size")
+    g["training"].add_argument("--dropout", type=float, default=0.1, help="dropout probability; paper: 0.1")
+    g["authors"].add_argument("--n-blocks", type=int, default=5, help="SASRec blocks; authors' release: 5")
+    g["authors"].add_argument("--n-heads", type=int, default=2, help="SASRec attention heads; authors' release: 2")
+    g["authors"].add_argument("--sasrec-block", default="ours", choices=BLOCKS,
+                              help="SASRec's block: ours or the authors' release's")
+    add_text_args(p, groups)
 
 
-# How f_MLP (Eq. 7) reads the text table: (flag, args key, value of a run that did not record it)
-TEXT_FLAGS = (("--text-norm", "text_norm", "none"), ("--text-layers", "text_layers", 4), ("--text-out", "text_out", "gelu"))
-
-
-def add_text_args(p, inherit=False):
+def add_text_args(p, groups=None, inherit=False):
     """How f_MLP (Eq. 7) reads the frozen text table, for every script that builds one;
     inherit (finetune.py): by default the phase-2 run's values, so both text experts agree."""
+    g = groups or dict.fromkeys(SECTIONS, p)
     own = "; default: the phase-2 run's" if inherit else ""
-    p.add_argument("--text-norm", default=None if inherit else "none", choices=TEXT_NORMS,
-                   help="input of f_MLP (Eq. 7): the frozen text table as it is (paper), or standardised per "
-                        "dimension over the items (beyond the paper)" + own)
-    p.add_argument("--text-layers", type=int, default=None if inherit else 4,
-                   help="hidden [dropout, linear, GELU] layers of f_MLP after its first linear layer; paper: not "
-                        "given; authors' release: 4" + own)
-    p.add_argument("--text-out", default=None if inherit else "gelu", choices=TEXT_OUTS,
-                   help="f_MLP's last activation: gelu (authors' release) or linear (none, beyond the paper)" + own)
-
-
-def match_text_args(args, model_args, path):
-    """Make args' text flags those of the run at `path` (its model_args): a flag left unset
-    (None) takes the run's value; one set otherwise is refused in one line, since two text
-    experts or a warm start must read the table alike."""
-    for flag, key, default in TEXT_FLAGS:
-        trained = model_args.get(key, default)
-        if getattr(args, key) not in (None, trained):
-            raise SystemExit(f"{flag} {getattr(args, key)}: {path} was trained with {flag} {trained}; "
-                             f"pass that, or a run made with {flag} {getattr(args, key)}")
-        setattr(args, key, trained)
+    g["authors"].add_argument("--text-layers", type=int, default=None if inherit else 4,
+                              help="f_MLP's hidden layers (Eq. 7); authors' release: 4" + own)
+    g["authors"].add_argument("--text-out", default=None if inherit else "gelu", choices=TEXT_OUTS,
+                              help="f_MLP's last activation; authors' release: gelu" + own)
+    g["beyond"].add_argument("--text-norm", default=None if inherit else "none", choices=TEXT_NORMS,
+                             help="f_MLP's input: the text table as is (paper) or standardised" + own)
 
 
 def model_config(data, args):
@@ -308,10 +281,7 @@ def chunked_ce_loss(model, seq, pos, mask, chunk):
         target = logits.gather(-1, at.clamp(0, len(ids) - 1)[..., None])[..., 0]  # (B, L)
         return torch.logsumexp(logits, -1), torch.where((at >= 0) & (at < len(ids)), target, 0.0)  # (B, L) each
 
-    # backward recomputes a chunk outside trainer.step_context: re-enter --fast-dropout there, so that
-    # f_MLP's dropout draws the forward's masks (checkpoint restores the RNG state and autocast itself)
-    fast = any(isinstance(mode, FastDropout) for mode in _get_current_function_mode_stack())
-    replay = {"context_fn": lambda: (contextlib.nullcontext(), FastDropout())} if fast else {}
+    replay = checkpoint_replay()  # backward recomputes a chunk: with --fast-dropout, the forward's masks
     stats = [checkpoint(chunk_stats, h, ids[i:i + chunk], use_reentrant=False, **replay)
              for i in range(0, len(ids), chunk)]
     lse = torch.logsumexp(torch.stack([s[0] for s in stats]), 0)  # (B, L) log of the softmax's denominator
@@ -331,191 +301,26 @@ def rec_loss(model, seq, pos, neg, mask, loss="bce", ce_chunk=0):
 
 
 class PhaseLoss(nn.Module):
-    """One batch's training loss: L_REC unless use_rec_loss is False, plus the phase's
-    extra_loss(model, seq, pos) -> (term, {name: value to log}). L_REC is the BCE of Eq. (1) /
-    (6) with the sampled negatives, or with rec_loss="ce" the full-softmax cross-entropy (over
-    chunks of ce_chunk items when it is > 0). A module because DistributedDataParallel
-    all-reduces the gradients of what its forward computed. Returns (loss, {name: value to log})."""
+    """A phase's loss on one batch as a module: loss_fn(model, seq, pos, neg, mask) -> (loss,
+    {name: value to log}), each phase script's own (pretrain.phase1_loss, align.phase2_loss,
+    finetune.phase3_loss). A module because DistributedDataParallel all-reduces the gradients
+    of what its forward computed."""
 
-    def __init__(self, model, extra_loss, use_rec_loss, rec_loss="bce", ce_chunk=0):
+    def __init__(self, model, loss_fn):
         super().__init__()
-        self.model, self.extra_loss, self.use_rec_loss, self.rec_loss = model, extra_loss, use_rec_loss, rec_loss
-        self.ce_chunk = ce_chunk
+        self.model, self.loss_fn = model, loss_fn
 
     def forward(self, seq, pos, neg, mask):
-        with torch.set_grad_enabled(self.use_rec_loss):  # L_REC is logged even when not trained on
-            rec = rec_loss(self.model, seq, pos, neg, mask, self.rec_loss, self.ce_chunk)
-        loss, logs = (rec if self.use_rec_loss else 0.0), {self.rec_loss: rec.detach()}
-        if self.extra_loss is not None:
-            term, extra_logs = self.extra_loss(self.model, seq, pos, neg)
-            loss, logs = loss + term, {**logs, **extra_logs}
-        return loss, logs
-
-
-# --- Plumbing: finished runs, and the per-epoch state behind --resume -----------------------
-
-# flags that may differ between two runs with the same output: they do not change the weights
-# (the data is compared by its fingerprint, not by the name it was given)
-# (--ce-chunk: the same loss up to float rounding, as --threads: a run out of memory may resume in chunks)
-SAME_RUN_FREE = ("resume", "quiet", "out", "overwrite", "threads", "eval_batch_size", "ce_chunk", "data", "preset")
-RESUME_FREE = (*SAME_RUN_FREE, "epochs")
-
-
-def flag_diff(then, now, free):
-    """'--flag A (now B)' for every flag set differently in two vars(args) dicts; a flag that
-    the earlier run did not record (it did not exist yet) counts at its default."""
-    then = {**{k: FLAG_DEFAULTS[k] for k in now if k not in then and k in FLAG_DEFAULTS}, **then}
-    return [f"--{k.replace('_', '-')} {then.get(k)} (now {now.get(k)})" for k in sorted(now.keys() | then.keys())
-            if k not in free and now.get(k) != then.get(k)]
-
-
-def reuse_finished(out, data, args):
-    """True when OUT and its metrics JSON are a finished run of these flags on this data:
-    the run is reused (its test metrics printed), not retrained. A finished run with other
-    flags or data is refused, naming the flags, unless --overwrite."""
-    out = Path(out)
-    if args.overwrite or args.resume or not (out.is_file() and out.with_suffix(".json").is_file()):
-        return False
-    ckpt = read_checkpoint(out, keys=("args", "fingerprint", "metrics"))
-    diff = flag_diff(ckpt["args"], vars(args), SAME_RUN_FREE)
-    if ckpt["fingerprint"] != data["fingerprint"]:
-        diff.append(f"data fingerprint {ckpt['fingerprint']} (now {data['fingerprint']})")
-    if diff:
-        raise SystemExit(f"{out} is a finished run with {', '.join(diff)}; pass --out to write elsewhere, "
-                         f"or --overwrite to replace it")
-    if is_main_process():
-        print(f"reusing finished run {out} (same flags and data; --overwrite retrains)\n"
-              f"test: {format_metrics(ckpt['metrics']['test'])}", flush=True)
-    return True
-
-
-def state_path(out):
-    """Where a run keeps its resumable state while it trains: OUT.last.pt beside OUT."""
-    return Path(out).with_suffix(".last.pt")
-
-
-def read_state(path, data, args):
-    """The state file for --resume, refused when it was written for other data or flags."""
-    if not path.is_file():
-        raise SystemExit(f"--resume: {path} not found (no epoch of this run finished, or it completed); "
-                         f"run without --resume")
-    state = read_checkpoint(path, keys=("epoch", "state", "optimizer", "rng", "args", "fingerprint"))
-    if state["fingerprint"] != data["fingerprint"]:
-        raise SystemExit(f"--resume: {path} was written for dataset {state['args']['data']!r} (fingerprint "
-                         f"{state['fingerprint']}), not {args.data!r} ({data['fingerprint']}); pass that --data "
-                         f"or run without --resume")
-    diff = flag_diff(state["args"], vars(args), RESUME_FREE)
-    if diff:
-        raise SystemExit(f"--resume: {path} was written with {', '.join(diff)}; pass the same flags "
-                         f"or run without --resume")
-    return state
-
-
-# --- Plumbing: a training step at the hardware's pace (--precision, --fast-dropout, --compile) -
-
-
-def fast_path(args):
-    """True when a run passed any of --precision bf16, --fast-dropout, --compile."""
-    return args.precision == "bf16" or args.fast_dropout or args.compile != "none"
-
-
-def adamw(groups, args):
-    """AdamW with --lr and --weight-decay; fused (one kernel for all parameters) on the fast path,
-    torch's default (foreach) otherwise, so that default runs keep their numerics."""
-    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=True if fast_path(args) else None)
-
-
-SAME_SIZE_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
-                 torch.float64: torch.int64}  # bits16_dropout builds its masks on bit patterns
-
-
-def bits16_dropout(x, p=0.5, training=True, inplace=False):
-    """F.dropout with a cheaper mask: an element is dropped when its 16 random bits fall below
-    round(p * 65536), a kept one is scaled by 65536 / (65536 - that) rounded to x's dtype as in
-    torch's dropout; so p is rounded to 1/65536. The bits come four per 64-bit draw of torch's
-    generator (the seed and --resume hold); torch's dropout draws a double per element, serially
-    on non-Intel CPUs. The mask (0 or the scale) is made on integers, the scale's bit pattern
-    times 0 or 1, then read as x's dtype: a float mask from a bool one would cost 10 times more."""
-    drop = round(p * 65536)
-    if not training or not 0 < drop < 65536 or x.dtype not in SAME_SIZE_INT:
-        return F.dropout(x, p, training, inplace)
-    t = drop - 32768  # a 16-bit integer below t is dropped, with probability drop / 65536
-    bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
-    keep = bits.view(torch.int16)[:x.numel()].view(x.shape).clamp(t - 1, t) - (t - 1)  # 1 kept, 0 dropped
-    scale = torch.tensor(65536 / (65536 - drop), dtype=x.dtype, device=x.device).view(SAME_SIZE_INT[x.dtype])
-    noise = (keep.to(scale.dtype) * scale).view(x.dtype)  # 0 or the scale, in x's dtype
-    return x.mul_(noise) if inplace else x * noise
-
-
-def attention_bits16_dropout(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """F.scaled_dot_product_attention by its reference formula, softmax(q k^T * scale + mask) v,
-    with bits16_dropout on the attention weights: q, k, v (B, H, L, d/H), attn_mask boolean
-    (True: may attend) or additive. Without dropout, or with is_causal / enable_gqa, it is torch's."""
-    if dropout_p == 0 or is_causal or enable_gqa:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-    s = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)  # (B, H, L, L)
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, -torch.inf) if attn_mask.dtype == torch.bool else s + attn_mask
-    a = torch.softmax(s, -1).nan_to_num(0.0)  # a query that may see no key attends to nothing, as torch's
-    return bits16_dropout(a, dropout_p) @ v  # (B, H, L, d/H)
-
-
-class FastDropout(TorchFunctionMode):
-    """--fast-dropout: inside this block every F.dropout (so every nn.Dropout) is bits16_dropout,
-    and F.scaled_dot_product_attention with dropout is attention_bits16_dropout."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        fast = {F.dropout: bits16_dropout, F.scaled_dot_product_attention: attention_bits16_dropout}.get(func, func)
-        return fast(*args, **(kwargs or {}))
-
-
-@contextlib.contextmanager
-def step_context(device, args):
-    """The block a training forward runs in: bf16 autocast per --precision (auto: on CUDA only)
-    and, on CPU, --fast-dropout's masks. Evaluation runs outside it, in float32."""
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    fast = FastDropout() if args.fast_dropout and device.type == "cpu" else contextlib.nullcontext()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), fast:
-        yield
-
-
-def compile_loss(step_loss, args):
-    """--compile: step_loss under torch.compile (reduce-overhead: CUDA graphs), sharing its
-    parameters (so --resume loads into both). fit calls it on full batches only and the last,
-    smaller batch of an epoch eagerly: one graph shape, no recompile. If torch.compile or the
-    compiled call fails, one line says so and training goes on eagerly."""
-    if args.compile == "none":
-        return step_loss
-    if args.fast_dropout:  # its draws (Tensor.random_) would break the graph at every dropout
-        raise SystemExit("--fast-dropout with --compile: the compiled step draws its own dropout masks; pass one of them")
-    compiled = []
-
-    def eagerly(e):
-        why = (str(e).strip().splitlines() or [""])[0][:160]
-        print(f"note: --compile {args.compile} failed ({type(e).__name__}: {why}); training eagerly", flush=True)
-        compiled.clear()
-
-    try:
-        compiled.append(torch.compile(step_loss, mode=None if args.compile == "default" else args.compile))
-    except Exception as e:  # e.g. a Python version that torch.compile does not support
-        eagerly(e)
-
-    def loss(*batch):
-        if compiled:
-            try:
-                return compiled[0](*batch)
-            except Exception as e:  # no C++ compiler, an op the compiler lacks, a backend error
-                eagerly(e)
-        return step_loss(*batch)
-    return loss
+        return self.loss_fn(self.model, seq, pos, neg, mask)
 
 
 # --- Alg. 1's loop ------------------------------------------------------------------------
 
 
-def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
-    """Alg. 1's loop: mini-batches of users, L_REC (Eq. 1 / 6) plus, if given, the phase's
-    extra term extra_loss(model, seq, pos, neg) -> (term, {name: value to log}); AdamW,
+def fit(model, data, args, out, loss_fn):
+    """Alg. 1's loop: mini-batches of users, the phase's loss_fn(model, seq, pos, neg, mask) ->
+    (loss, {name: value to log}) on each (seq, pos (B, L) next items, neg (B, L) one sampled
+    negative per position, mask (B, L) real positions); AdamW,
     validation --stop-metric after each epoch, early stopping with patience. After each epoch
     the state (weights, AdamW, RNGs, best so far, log) goes to OUT.last.pt for --resume.
     Returns the model with its best-validation (or, --test-epoch last, last) weights and the log.
@@ -536,7 +341,7 @@ def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
     # on CUDA the (U, L) tables go to the GPU once, from pinned memory; batches are indexed there
     on_device = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" else (lambda t: t)
     batch_in, batch_pos, batch_real, batch_items = (on_device(t) for t in (train_in, train_pos, real, train_items))
-    step_loss = PhaseLoss(model, extra_loss, use_rec_loss, args.loss, args.ce_chunk)
+    step_loss = PhaseLoss(model, loss_fn)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         # the frozen text table and the buckets are equal on every rank: never broadcast them per step
@@ -549,7 +354,7 @@ def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
     groups = [{"params": [w for _, w in trained]}] if gate_decay is None and expert_lr is None else [
         {"params": [w for n, w in trained if n not in gate], **({} if expert_lr is None else {"lr": expert_lr})},
         {"params": [w for n, w in trained if n in gate], **({} if gate_decay is None else {"weight_decay": gate_decay})}]
-    opt = adamw(groups, args)
+    opt = optimizer(groups, args)
     compiled_loss = compile_loss(step_loss, args)
     gen = torch.Generator(device).manual_seed(args.seed)  # negatives and batch order, drawn where training runs
     epoch, best, best_state, log, since_best = 0, -1.0, None, [], 0
@@ -621,7 +426,7 @@ def fit(model, data, args, out, extra_loss=None, use_rec_loss=True):
                **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
         atomic_save({"epoch": epoch, "state": model.state_dict(), "optimizer": opt.state_dict(), "rng": rng,
                      "best": best, "best_state": best_state, "since_best": since_best, "log": log,
-                     "args": vars(args), "fingerprint": data["fingerprint"]}, last)
+                     "args": vars(args), "fingerprint": data["fingerprint"]}, last)  # read_state's keys
     if since_best >= args.patience and main:
         print(f"early stop: no better valid {stop} for {args.patience} epochs", flush=True)
     if args.test_epoch == "best":  # DEVIATION (default): the authors' release tests the last epoch's weights
@@ -660,13 +465,5 @@ def finish(model, model_args, data, args, phase, log, out, extra=None, valid_ran
                "test_rules": {r: {m: v[m] for m in (f"HR@{K}", f"nDCG@{K}")} for r, v in rules.items()},
                "best_epoch": best_epoch, "tested_epoch": tested, "epochs": log, "eval_seconds": eval_seconds, **(extra or {}),
                "ranks": {split: r.tolist() for split, r in ranks.items()}}
-    ckpt = {"phase": phase, "model_args": model_args, "state": {k: v.cpu() for k, v in model.state_dict().items()},
-            "args": vars(args), "dataset": data["name"], "n_items": data["n_items"],
-            "fingerprint": data["fingerprint"], "metrics": json.loads(json.dumps(metrics))}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(ckpt, out)
-    atomic_write_text(json.dumps(metrics, indent=1), out.with_suffix(".json"))
-    state_path(out).unlink(missing_ok=True)
-    print(f"wrote {out} and {out.with_suffix('.json')}")
+    write_run(model, model_args, data, args, phase, metrics, out)
     return metrics

@@ -10,7 +10,7 @@
 Figures (each line: {"figure", "value", "unit", "dataset", "device", "threads", ...}):
   negatives    seconds of trainer.fit's per-epoch draw of negatives for every user;
   train        sequences (users) per second of --steps training steps of each phase, each as in
-               trainer.fit: its real loss (trainer.PhaseLoss; phase 2 adds align.mmd_term),
+               trainer.fit: its real loss (pretrain.phase1_loss, align.phase2_loss, finetune.phase3_loss),
                backward and AdamW, with the phase scripts' --precision, --fast-dropout and
                --compile (`flags`) and their --loss, --ce-chunk; the batches' negatives are
                drawn beforehand;
@@ -35,18 +35,22 @@ import resource
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from align import mmd_term  # noqa: E402
+from align import phase2_loss  # noqa: E402
 from dataset import history_before_target, load_dataset, split_sequences  # noqa: E402
 from evaluate import evaluate  # noqa: E402
-from models import EXPERTS, build_model, model_from_checkpoint, read_checkpoint  # noqa: E402
+from models import EXPERTS, build_model
 from serve import top_items  # noqa: E402
-from trainer import (PhaseLoss, adamw, add_loss_args, add_speed_args, compile_loss, resolve_device,  # noqa: E402
-                     sample_negatives, step_context)
+from finetune import phase3_loss  # noqa: E402
+from pretrain import phase1_loss  # noqa: E402
+from speed import add_speed_args, compile_loss, optimizer, step_context  # noqa: E402
+from trainer import PhaseLoss, add_loss_args, resolve_device, sample_negatives  # noqa: E402
+from runs import model_from_checkpoint, read_checkpoint  # noqa: E402
 
 
 # --- Measuring: peak memory and wall time -------------------------------------------------
@@ -118,14 +122,13 @@ def train_batches(data, args, device, count):
 
 def train_step(phase, data, args, device, speed):
     """One training step of a phase as in trainer.fit, run with the speed flags `speed`
-    (trainer.add_speed_args): its real loss (trainer.PhaseLoss; phase 2 adds align.mmd_term)
-    in trainer.step_context, backward, AdamW. Returns step(batch)."""
+    (speed.py): its real loss (the phase script's, as trainer.PhaseLoss) in speed.step_context,
+    backward, AdamW. Returns step(batch)."""
     torch.manual_seed(0)
     model = phase_model(phase, data, args).to(device).train()
-    extra = mmd_term(argparse.Namespace(kernel="gaussian", gamma=0.1, anchor="rec", mmd_sample=512, mmd_rows="items")) \
-        if phase == 2 else None
-    loss_fn = compile_loss(PhaseLoss(model, extra, True, args.loss, args.ce_chunk), speed)
-    opt = adamw(model.parameters(), argparse.Namespace(lr=1e-3, weight_decay=0.1, **vars(speed)))
+    phase_loss = {1: phase1_loss, 2: partial(phase2_loss, gamma=0.1), 3: phase3_loss}[phase]
+    loss_fn = compile_loss(PhaseLoss(model, partial(phase_loss, loss=args.loss, ce_chunk=args.ce_chunk)), speed)
+    opt = optimizer(model.parameters(), argparse.Namespace(lr=1e-3, weight_decay=0.1, **vars(speed)))
 
     def step(batch):
         with step_context(device, speed):

@@ -1,6 +1,6 @@
 """Eq. (4) of phase 2, L = L_REC + γ · MMD(h^s, h^c), as align.py trains it: align.main() runs
 in-process on a tiny dataset up to its first training step, where trainer.PhaseLoss is
-recorded (the loss trainer.fit built from align.py's extra_loss and use_rec_loss) with the
+recorded (the loss trainer.fit built from align.py's phase2_loss and its flags) with the
 batch fit fed it. On that batch, against independent computations:
 
     --anchor frozen   the MMD's gradient w.r.t. the ID table h^c is zero, w.r.t. f_MLP not; the
@@ -66,7 +66,6 @@ def first_step(monkeypatch, files, *flags):
 
     data, init = files
     monkeypatch.setattr(trainer, "PhaseLoss", Recording)
-    monkeypatch.setattr(trainer, "FLAG_DEFAULTS", {})  # parse_args fills it: leave the module's as it was
     monkeypatch.setattr(sys, "argv", ["align.py", "--data", str(data), "--init", str(init), "--batch-size", "8",
                                       "--quiet", "--out", str(data.parent / "unused.pt"), *flags])
     with pytest.raises(Captured):
@@ -133,10 +132,9 @@ def test_frozen_anchor_stops_the_mmd_gradient_at_the_id_table(monkeypatch, files
         model = phase_loss.model
         named = dict(model.named_parameters())
         f_mlp = [w for n, w in named.items() if n.startswith("items.f_mlp.")]
-        term, _ = phase_loss.extra_loss(model, seq, pos, neg)  # γ · MMD
-        g_c, *g_s = grads(term, [named[h_c], *f_mlp])
+        loss, logs = phase_loss(seq, pos, neg, mask)
+        g_c, *g_s = grads(logs["gaussian"], [named[h_c], *f_mlp])  # the MMD's gradient
         assert any(g.abs().max() > 0 for g in g_s)  # f_MLP moves to the ID table either way
-        loss, _ = phase_loss(seq, pos, neg, mask)
         g_loss, g_rec = (grads(x, [named[h_c]])[0] for x in (loss, rec_loss(model, seq, pos, neg, mask)))
         if anchor == "frozen":  # SG(h^c): the ID table is moved by L_REC alone
             assert not g_c.any()

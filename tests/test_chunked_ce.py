@@ -6,6 +6,7 @@ recomputed in backward draws the forward's dropout masks (torch's and --fast-dro
 bf16 autocast too); and a step compiled through AOT autograd gives the eager loss and gradients."""
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import runs  # noqa: E402
 import trainer  # noqa: E402
 from models import make_expert  # noqa: E402
 from test_models import EXPERTS, L, N, cfg, gen, make_pad, sequences, text_table  # noqa: E402
-from trainer import PhaseLoss, add_training_args, ce_loss, chunked_ce_loss, step_context  # noqa: E402
+from pretrain import phase1_loss  # noqa: E402
+from speed import step_context  # noqa: E402
+from trainer import PhaseLoss, add_training_args, ce_loss, chunked_ce_loss  # noqa: E402
 
 
 def batch(seed=0, n=N):
@@ -46,8 +50,8 @@ def loss_and_grads(model, loss_fn):
 @pytest.mark.parametrize("chunk", [1, 4, 15, N + 1, 100])  # N = 30: 4 leaves a chunk of 2, 15 divides it
 def test_chunked_ce_equals_ce_loss_and_its_gradients(kind, chunk):
     model = model_of(kind)
-    want_loss, want = loss_and_grads(model, PhaseLoss(model, None, True, "ce"))
-    got_loss, got = loss_and_grads(model, PhaseLoss(model, None, True, "ce", ce_chunk=chunk))
+    want_loss, want = loss_and_grads(model, PhaseLoss(model, partial(phase1_loss, loss="ce")))
+    got_loss, got = loss_and_grads(model, PhaseLoss(model, partial(phase1_loss, loss="ce", ce_chunk=chunk)))
     assert torch.allclose(got_loss, want_loss, rtol=0, atol=1e-5)
     assert got.keys() == want.keys()
     for name, g in want.items():
@@ -92,7 +96,7 @@ def test_no_tensor_of_the_logits_size_in_forward_or_backward(chunk):
     model = model_of("id", n=n).train()
     seq, pos, neg, mask = batch(n=n)
     with LargestTensor() as largest:
-        PhaseLoss(model, None, True, "ce", chunk)(seq, pos, neg, mask)[0].backward()
+        PhaseLoss(model, partial(phase1_loss, loss="ce", ce_chunk=chunk))(seq, pos, neg, mask)[0].backward()
     logits = seq.numel() * n  # B x L x N
     if chunk:
         assert largest.numel <= (n + 1) * model.items.h_c.weight.shape[1] < logits / 2
@@ -127,7 +131,7 @@ def test_compiled_chunked_step_gives_the_eager_loss_and_gradients():
     """torch.compile through AOT autograd (no C++ compiler needed): the checkpointed chunks
     trace whole (fullgraph) and their compiled backward is the eager one."""
     model = model_of("pad")
-    eager = PhaseLoss(model, None, True, "ce", 7)
+    eager = PhaseLoss(model, partial(phase1_loss, loss="ce", ce_chunk=7))
     want_loss, want = loss_and_grads(model, eager)
     got_loss, got = loss_and_grads(model, torch.compile(eager, backend="aot_eager", fullgraph=True, dynamic=False))
     assert torch.allclose(got_loss, want_loss, atol=1e-6)
@@ -140,5 +144,5 @@ def test_ce_chunk_is_a_flag_that_leaves_the_run_identity():
     add_training_args(p)
     assert p.parse_args([]).ce_chunk == 0  # the unchunked path by default: earlier runs unchanged
     assert p.parse_args(["--loss", "ce", "--ce-chunk", "4096"]).ce_chunk == 4096
-    assert trainer.flag_diff({"ce_chunk": 0, "loss": "ce"}, {"ce_chunk": 4096, "loss": "ce"}, trainer.SAME_RUN_FREE) == []
-    assert "ce_chunk" in trainer.RESUME_FREE  # a run out of memory may resume in chunks
+    assert runs.flag_diff({"ce_chunk": 0, "loss": "ce"}, {"ce_chunk": 4096, "loss": "ce"}, runs.SAME_RUN_FREE) == []
+    assert "ce_chunk" in runs.RESUME_FREE  # a run out of memory may resume in chunks

@@ -28,11 +28,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import prepare_data
-from models import read_checkpoint
 import dataset
+import prepare_data
 from dataset import atomic_save, load_dataset, split_sequences
 from prepare_data import PrepareError
+from runs import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

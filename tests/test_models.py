@@ -11,8 +11,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from evaluate import target_ranks  # noqa: E402
-from models import (BACKBONES, Caser, EXPERTS, GATES, PAD, SASRec, build_model, make_expert, make_gate,  # noqa: E402
-                    model_from_checkpoint, read_checkpoint)
+from models import BACKBONES, Caser, EXPERTS, GATES, PAD, SASRec, build_model, make_expert, make_gate  # noqa: E402
+from runs import model_from_checkpoint, read_checkpoint  # noqa: E402
 from trainer import bce_loss, ce_loss, sample_negatives  # noqa: E402
 
 N, L, D, D_TEXT, N_BUCKETS = 30, 8, 16, 12, 10
@@ -23,7 +23,9 @@ def gen(seed):
 
 
 def cfg(backbone="sasrec", **kw):
-    return {"backbone": backbone, "d": D, "L": L, "n_blocks": 2, "n_heads": 2, "dropout": 0.1, **kw}
+    """An expert's configuration, complete as a checkpoint's model_args (runs.MODEL_ARGS)."""
+    return {"backbone": backbone, "d": D, "L": L, "n_blocks": 2, "n_heads": 2, "dropout": 0.1, "block": "ours",
+            "text_norm": "none", "text_layers": 4, "text_out": "gelu", "fuse_dropout": 0.0, **kw}
 
 
 def text_table(seed=0, n=N):
@@ -415,7 +417,8 @@ def checkpoint(model_args, data, phase=1):
 @pytest.mark.parametrize("model_args", [
     {"kind": "expert", "expert": "id", **cfg("gru4rec")},
     {"kind": "expert", "expert": "align", **cfg("caser")},
-    {"kind": "pad", "experts": ["id", "align", "llm"], "gate": "freq", **cfg("sasrec")},
+    {"kind": "pad", "experts": ["id", "align", "llm"], "gate": "freq", "gate_init": "uniform", "bucket_bias": False,
+     **cfg("sasrec")},
 ])
 def test_checkpoint_round_trip(tmp_path, model_args):
     data = dataset()
@@ -444,16 +447,18 @@ def test_checkpoint_refusals(tmp_path):
     with pytest.raises(SystemExit, match=r"pretrain_gru4rec.pt uses backbone 'gru4rec', not 'sasrec'"):
         model_from_checkpoint(ckpt, data, path, phase=1, backbone="sasrec")
     model_from_checkpoint(ckpt, data, path, phase=1, backbone="gru4rec")  # the matching one loads
-    # `like`: another encoder configuration is refused; a key an older checkpoint lacks counts at its default
-    from models import check_checkpoint
+    # `like`: another encoder configuration is refused; so is model_args that lack a key (an older checkpoint)
+    from runs import check_checkpoint
 
     with pytest.raises(SystemExit, match="d=16.*d=8"):
         check_checkpoint(ckpt, data, path, like={**ckpt["model_args"], "d": 8})
-    older = {k: v for k, v in ckpt["model_args"].items() if k != "block"}
-    check_checkpoint(ckpt, data, path, like={**older})
-    check_checkpoint(ckpt, data, path, like={**older, "block": "ours"})
     with pytest.raises(SystemExit, match="block=ours.*block=authors"):
-        check_checkpoint({**ckpt, "model_args": older}, data, path, like={**older, "block": "authors"})
+        check_checkpoint(ckpt, data, path, like={**ckpt["model_args"], "block": "authors"})
+    older = {**ckpt, "model_args": {k: v for k, v in ckpt["model_args"].items() if k not in ("block", "text_out")}}
+    for refused in (lambda: check_checkpoint(older, data, path, like=ckpt["model_args"]),
+                    lambda: model_from_checkpoint(older, data, path)):
+        with pytest.raises(SystemExit, match=r"pretrain_gru4rec.pt: its model_args lack block, text_out .*--overwrite"):
+            refused()
 
 
 def test_read_checkpoint_refuses_other_files(tmp_path):
@@ -589,20 +594,20 @@ def test_phase3_llm_expert_gradient_is_its_gate_share_of_the_loss(init):
 
 @pytest.mark.parametrize("loss", ["bce", "ce"])
 def test_aux_weight_adds_each_experts_own_loss(loss):
-    """finetune.py --aux-weight w: phase 3's extra term is w * sum_k L_REC of expert k alone
+    """finetune.py --aux-weight w: phase 3's loss gains w * sum_k L_REC of expert k alone
     (BCE of Eq. 1 on its own logits, or its softmax over all items, by loop), logged per
     expert, the text expert left out; the gate gets no gradient from it."""
-    import types
-
-    from finetune import expert_losses
+    from finetune import phase3_loss
 
     pad = make_pad((*EXPERTS, "text"), "freq")
     seq = sequences()
     pos, neg = torch.randint(1, N + 1, (2, len(seq), L), generator=gen(4))
     pos[0, -1] = 0  # a padding target: not a real position
     mask = (seq != 0) & (pos != 0)
-    args = types.SimpleNamespace(aux_weight=0.3, loss=loss, ce_chunk=0)
-    term, logs = expert_losses(args)(pad, seq, pos, neg)
+    total, logs = phase3_loss(pad, seq, pos, neg, mask, loss, aux_weight=0.3)
+    mixture, mixture_logs = phase3_loss(pad, seq, pos, neg, mask, loss)  # Eq. (11)'s L_REC alone
+    assert list(mixture_logs) == [loss] and torch.equal(logs.pop(loss), mixture.detach())
+    term = total - mixture
     want, parts = 0.0, {}
     for name in EXPERTS:  # id, align, llm
         e = pad.experts[name]
@@ -621,19 +626,21 @@ def test_aux_weight_adds_each_experts_own_loss(loss):
         want = want + own
     assert float(term.detach()) == pytest.approx(0.3 * float(want.detach()), rel=1e-5)
     assert {k: float(v) for k, v in logs.items()} == pytest.approx({f"{k}-{loss}": v for k, v in parts.items()}, rel=1e-5)
-    grads = torch.autograd.grad(term, list(pad.gate.parameters()), allow_unused=True)
-    assert all(g is None or not g.any() for g in grads)
+    gate = list(pad.gate.parameters())
+    for g_total, g_mixture in zip(torch.autograd.grad(total, gate, retain_graph=True),
+                                  torch.autograd.grad(mixture, gate)):
+        assert torch.allclose(g_total, g_mixture, rtol=1e-6, atol=1e-9)
 
 
 def test_gate_fit_ce_is_the_masked_softmax_loss_of_eq11_by_loop(capsys):
-    """finetune.fit_gate with --loss ce: its validation loss is the cross-entropy of Phi (Eq. 11,
+    """gate_fit.fit_gate with --loss ce: its validation loss is the cross-entropy of Phi (Eq. 11,
     the loop above) over all items with the user's earlier items masked, averaged over the
     users whose target does not repeat one (lr 0: one pass measures it); then, trained, it
     changes only the gate."""
     import types
 
     from dataset import history_before_target, split_sequences
-    from finetune import fit_gate
+    from gate_fit import fit_gate
 
     pad = make_pad(EXPERTS, "freq")
     g = gen(5)
@@ -665,14 +672,14 @@ def test_gate_fit_ce_is_the_masked_softmax_loss_of_eq11_by_loop(capsys):
 
 
 def test_gate_fit_bce_is_eq1_on_phi_of_eq11_by_loop(capsys):
-    """finetune.fit_gate with --loss bce: its validation loss is Eq. (1) on Phi (Eq. 11, the loop
+    """gate_fit.fit_gate with --loss bce: its validation loss is Eq. (1) on Phi (Eq. 11, the loop
     above): -log sigma(Phi of the target) averaged over users, plus -log(1 - sigma(Phi)) of the
     negatives it drew outside each user's items, averaged over users and negatives (lr 0: one
     pass, one batch, measures it)."""
     import types
 
     from dataset import history_before_target, split_sequences
-    from finetune import fit_gate
+    from gate_fit import fit_gate
 
     pad = make_pad(EXPERTS, "freq")
     g = gen(6)
@@ -694,7 +701,7 @@ def test_gate_fit_bce_is_eq1_on_phi_of_eq11_by_loop(capsys):
 @pytest.mark.parametrize("loss", ["bce", "ce"])
 @pytest.mark.parametrize("gate_kind", GATES)
 def test_gate_fit_on_validation_never_reads_the_test_column(loss, gate_kind):
-    """finetune.cross_fit_gate (--gate-fit valid, valid-only), with the text expert's scale and
+    """gate_fit.cross_fit_gate (--gate-fit valid, valid-only), with the text expert's scale and
     the --bucket-bias offsets fit beside the gate: every user's test item replaced leaves the
     fitted parameters and the cross-fitted validation ranks bit for bit the same; the validation
     items replaced move them. Each fold's ranks are those of a gate fit on the other fold alone."""
@@ -702,7 +709,7 @@ def test_gate_fit_on_validation_never_reads_the_test_column(loss, gate_kind):
     import types
 
     from evaluate import user_ranks
-    from finetune import cross_fit_gate, fit_gate
+    from gate_fit import cross_fit_gate, fit_gate
 
     pad = make_pad(("id", "llm", "text"), gate_kind, seed=2, bucket_bias=True)
     g = gen(11)

@@ -444,7 +444,7 @@ def test_smem_recipe_leaves_pad_intact_and_finished_runs_are_guarded(tmp_path, d
 def test_loss_ce_through_every_phase(work, dataset):
     """--loss ce (full softmax over all items) trains each phase; default names carry _ce, so
     a CE pipeline never meets a BCE one."""
-    from dataset import run_path
+    from runs import run_path
 
     assert run_path("tiny", "pretrain", backbone="sasrec", seed=0, loss="ce").name == "pretrain_sasrec_ce_seed0.pt"
     assert run_path("tiny", "pretrain", backbone="sasrec", seed=0).name == "pretrain_sasrec_seed0.pt"
@@ -499,14 +499,16 @@ def test_text_norm_flows_from_phase_2_and_a_mismatch_is_refused(work, dataset, p
     refused(r, str(p2), "--text-norm standard")
 
 
-def test_a_flag_an_older_run_did_not_record_counts_at_its_default(monkeypatch):
-    import trainer
+def test_a_flag_an_older_run_did_not_record_is_a_difference():
+    """A run made before a flag existed is not reused under it (its value is not guessed);
+    a flag free to differ (SAME_RUN_FREE) never counts."""
+    from runs import SAME_RUN_FREE, flag_diff
 
-    monkeypatch.setattr(trainer, "FLAG_DEFAULTS", {"text_norm": "none", "lr": 1e-3})  # restored after the test
     older = {"lr": 1e-3, "seed": 0}  # made before --text-norm existed
-    assert trainer.flag_diff(older, {"lr": 1e-3, "seed": 0, "text_norm": "none"}, ()) == []
-    assert trainer.flag_diff(older, {"lr": 1e-3, "seed": 0, "text_norm": "standard"}, ()) == \
+    assert flag_diff(older, {"lr": 1e-3, "seed": 0, "text_norm": "none"}, ()) == ["--text-norm (not recorded) (now none)"]
+    assert flag_diff({**older, "text_norm": "none"}, {"lr": 1e-3, "seed": 0, "text_norm": "standard"}, ()) == \
         ["--text-norm none (now standard)"]
+    assert flag_diff(older, {**older, "threads": 2}, SAME_RUN_FREE) == []
 
 
 def test_text_layers_shape_f_mlp_and_flow_from_phase_2(work, dataset, phase1):
@@ -526,7 +528,7 @@ def test_llm_init_seeds_the_llm_expert_and_text_flags_flow(work, dataset, phase1
     """finetune.py --llm-init: the LLM expert starts from a MoRec run (checked: with lr 0 it
     stays that run's weights); --text-out and the other text flags flow from phase 2, and a
     MoRec run that reads the text otherwise is refused in one line."""
-    from dataset import DEFAULT_ALIGN, align_tag, run_path
+    from runs import DEFAULT_ALIGN, align_tag, run_path
 
     named = dict(backbone="sasrec", gate="freq", experts=["id", "align", "llm"], align=align_tag(**DEFAULT_ALIGN), seed=0)
     assert run_path("t", "finetune", **named, llm_init=True).name == \
@@ -555,7 +557,7 @@ def test_llm_init_seeds_the_llm_expert_and_text_flags_flow(work, dataset, phase1
     run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", p2, "--llm-init", morec,
         *TRAIN, "--out", moved)
     from dataset import load_dataset, split_sequences
-    from models import model_from_checkpoint, read_checkpoint
+    from runs import model_from_checkpoint, read_checkpoint
 
     data = load_dataset(dataset)
     seq, _ = split_sequences(data["seqs"], "test")
@@ -596,7 +598,7 @@ def test_expert_lr_aux_weight_and_bucket_bias(work, dataset, phase1, phase2):
     phase-1 / phase-2 tensors bit for bit while the gate and the --bucket-bias offsets learn;
     --aux-weight logs each expert's own loss."""
     from dataset import load_dataset
-    from models import model_from_checkpoint, read_checkpoint
+    from runs import model_from_checkpoint, read_checkpoint
 
     r = run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", phase2[0], "--epochs", "1",
             "--batch-size", "16", "--eval-batch-size", "7", "--expert-lr", "0", "--aux-weight", "0.5", "--bucket-bias",
@@ -617,7 +619,7 @@ def test_gate_fit_valid_only_trains_the_gate_alone(work, dataset, phase1, phase2
     its phase-1 / phase-2 run holds, bit for bit, and every gate tensor moved from its
     uniform start by the fit on the validation targets."""
     from dataset import load_dataset
-    from models import model_from_checkpoint, read_checkpoint
+    from runs import model_from_checkpoint, read_checkpoint
 
     out = work / "finetune_validonly.pt"
     common = ["--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", phase2[0], "--gate-fit", "valid-only",

@@ -1,4 +1,4 @@
-"""Tests of the training step's speed flags (trainer.add_speed_args): the steps of phases 1 and 3
+"""Tests of the training step's speed flags (speed.py): the steps of phases 1 and 3
 (BCE, CE and chunked CE) trace whole with static shapes (phase 2's: tests/test_static_mmd.py),
 and fit reads nothing back from the device per step (what a CUDA graph needs); the compiled step
 gives the eager step's loss and weights, also after a --resume-style load; a failed compile
@@ -14,6 +14,7 @@ import math
 import subprocess
 import sys
 import sysconfig
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,9 @@ from dataset import split_sequences  # noqa: E402
 from models import make_expert  # noqa: E402
 from synthetic import make_dataset  # noqa: E402
 from test_models import D, N, cfg, gen, make_pad, sequences, text_table  # noqa: E402
-from trainer import (PhaseLoss, adamw, add_training_args, attention_bits16_dropout, bits16_dropout,  # noqa: E402
-                     compile_loss, fit, step_context)
+from pretrain import phase1_loss  # noqa: E402
+from speed import attention_bits16_dropout, bits16_dropout, compile_loss, optimizer, step_context  # noqa: E402
+from trainer import PhaseLoss, add_training_args, fit  # noqa: E402
 
 
 def speed(**flags):
@@ -95,9 +97,9 @@ def test_compiled_step_gives_the_eager_loss_and_parameters(capsys):
     args = speed(compile="default")
     eager = tiny_expert()
     compiled = copy.deepcopy(eager)
-    eager_fn, compiled_fn = PhaseLoss(eager, None, True), compile_loss(PhaseLoss(compiled, None, True), args)
-    eager_loss = one_step(eager_fn, adamw(eager.parameters(), args), batch())
-    compiled_loss = one_step(compiled_fn, adamw(compiled.parameters(), args), batch())
+    eager_fn, compiled_fn = PhaseLoss(eager, phase1_loss), compile_loss(PhaseLoss(compiled, phase1_loss), args)
+    eager_loss = one_step(eager_fn, optimizer(eager.parameters(), args), batch())
+    compiled_loss = one_step(compiled_fn, optimizer(compiled.parameters(), args), batch())
     assert "note:" not in capsys.readouterr().out  # it did compile
     assert torch.allclose(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
     for (name, w), w_compiled in zip(eager.named_parameters(), compiled.parameters()):
@@ -129,7 +131,7 @@ def test_phase_1_and_3_steps_trace_whole_as_one_graph(model, loss, ce_chunk):
         return graph.forward
 
     net = tiny_expert() if model == "id" else make_pad(["id", "align", "llm"], "freq")
-    step = PhaseLoss(net.eval(), None, True, loss, ce_chunk)
+    step = PhaseLoss(net.eval(), partial(phase1_loss, loss=loss, ce_chunk=ce_chunk))
     traced = torch.compile(step, backend=static_shapes, fullgraph=True, dynamic=False)
     assert torch.allclose(traced(*batch())[0], step(*batch())[0], rtol=1e-6)
     assert sizes == {int}
@@ -157,7 +159,8 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path):
     for batch_size in (4, 16):
         torch.manual_seed(0)
         with HostReads() as counter:
-            fit(expert_for(data), data, speed(epochs=1, quiet=True, batch_size=batch_size), tmp_path / f"b{batch_size}.pt")
+            fit(expert_for(data), data, speed(epochs=1, quiet=True, batch_size=batch_size), tmp_path / f"b{batch_size}.pt",
+                phase1_loss)
         reads.append(counter.count)
     assert reads[0] == reads[1] > 0
 
@@ -176,7 +179,7 @@ def broken_compiled_call(module, **kwargs):
                                              (broken_compiled_call, "Compiler: cc not found")])
 def test_a_failed_compile_trains_eagerly_after_one_note(compile_fn, why, monkeypatch, capsys):
     monkeypatch.setattr(torch, "compile", compile_fn)
-    step_loss = PhaseLoss(tiny_expert(), None, True)
+    step_loss = PhaseLoss(tiny_expert(), phase1_loss)
     loss_fn = compile_loss(step_loss, speed(compile="reduce-overhead"))
     losses = [loss_fn(*batch())[0] for _ in range(2)]
     assert all(torch.equal(loss, step_loss(*batch())[0]) for loss in losses)
@@ -185,7 +188,7 @@ def test_a_failed_compile_trains_eagerly_after_one_note(compile_fn, why, monkeyp
 
 def test_fast_dropout_and_compile_are_refused_together():
     with pytest.raises(SystemExit, match="--fast-dropout with --compile"):
-        compile_loss(PhaseLoss(tiny_expert(), None, True), speed(compile="default", fast_dropout=True))
+        compile_loss(PhaseLoss(tiny_expert(), phase1_loss), speed(compile="default", fast_dropout=True))
 
 
 # --- --precision: bf16 autocast in training, float32 in evaluation ------------------------
@@ -198,11 +201,11 @@ def test_precision_of_training_and_evaluation_on_cpu(precision, trained_in, fuse
     model = expert_for(data)
     seen = set()  # (training?, dtype of the first attention projection's output)
     model.encoder.blocks[0].qkv.register_forward_hook(lambda m, i, out: seen.add((m.training, out.dtype)))
-    fit(model, data, args, tmp_path / "run.pt")
+    fit(model, data, args, tmp_path / "run.pt", phase1_loss)
     assert seen == {(True, trained_in), (False, torch.float32)}
     with torch.no_grad():
         assert model.full_scores(split_sequences(data["seqs"], "test")[0][:3]).dtype == torch.float32
-    assert adamw(model.parameters(), args).defaults["fused"] is fused  # None: torch's foreach, as before
+    assert optimizer(model.parameters(), args).defaults["fused"] is fused  # None: torch's foreach, as before
 
 
 def test_resume_with_bf16_and_fast_dropout_matches_an_uninterrupted_run(tmp_path):
@@ -213,7 +216,7 @@ def test_resume_with_bf16_and_fast_dropout_matches_an_uninterrupted_run(tmp_path
         model = expert_for(data)
         args = speed(precision="bf16", fast_dropout=True, epochs=epochs, quiet=True, batch_size=16, eval_batch_size=7,
                      **{flag: True for flag in resume})
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in fit(model, data, args, out)[1]]
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in fit(model, data, args, out, phase1_loss)[1]]
 
     full = train(tmp_path / "full.pt", 3)  # per epoch: losses and validation metrics
     train(tmp_path / "cut.pt", 1)  # fit leaves OUT.last.pt after each epoch; only finish() removes it

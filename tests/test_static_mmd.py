@@ -5,15 +5,15 @@ the losses of the real rows alone (float64, every --kernel, padding rows full of
 gradients too); the random subset above --mmd-sample is a uniform one of the real rows, as a
 random subset of them alone would be; the whole phase-2 step traces as one graph with static
 shapes, which two batches with different padding share (no recompile)."""
-import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from align import mmd_rows, mmd_term  # noqa: E402
+from align import mmd_rows, phase2_loss  # noqa: E402
 from mmd import KERNELS, info_nce, mk_mmd  # noqa: E402
 from models import make_expert  # noqa: E402
 from test_models import N, cfg, gen, sequences, text_table  # noqa: E402
@@ -136,8 +136,7 @@ def test_phase_2_step_traces_whole_as_one_graph(kernel, rows, sample):
     torch._dynamo.reset()  # a fresh cache: the one graph counted is this test's, and no earlier test's fills it
     torch.manual_seed(0)
     model = make_expert("align", N, text_table(), {**cfg(), "dropout": 0.0}).eval()
-    args = argparse.Namespace(kernel=kernel, gamma=0.1, anchor="rec", mmd_rows=rows, mmd_sample=sample, tau=0.07)
-    step = PhaseLoss(model, mmd_term(args), True)
+    step = PhaseLoss(model, partial(phase2_loss, gamma=0.1, kernel=kernel, rows=rows, sample=sample))
     traced = torch.compile(step, backend=static_shapes, fullgraph=True, dynamic=False)
     for extra_padding in (0, 4):
         b = batch(extra_padding)

@@ -1,0 +1,96 @@
+"""Beyond the paper: finetune.py --gate-fit valid / valid-only, the gate of Eq. (11) fit on the
+validation targets with the experts frozen, and a cross-fitted validation score for it.
+
+Trained with the experts on the training data (Alg. 1), the gate learns which expert fits the
+*training* targets best, and a phase-1 ID expert trained to convergence has all but memorised
+them (Pantry: training BCE 0.12, the text expert's 0.69), so the gate switches the text experts
+off even where they rank held-out targets better. Here the gate alone learns where the experts
+are scored on items none of them trained on. The test split is never read.
+
+    valid_ranks = cross_fit_gate(model, data, args)   # the model keeps the gate fit on all users
+"""
+import torch
+
+from dataset import history_before_target, split_sequences
+from evaluate import mask_seen, user_ranks
+from trainer import bce_loss, ce_loss, sample_negatives
+
+
+def gate_params(model):
+    """What --gate-fit fits: the gate, the --bucket-bias offsets and the text expert's scale (its only parameter)."""
+    return [*model.gate.parameters(), *([model.bias] if model.bias is not None else []),
+            *(model.experts["text"].parameters() if "text" in model.experts else [])]
+
+
+def cross_fit_gate(model, data, args):
+    """Fit the gate on the validation users (fit_gate), and score validation honestly: the
+    users are cut into --gate-fit-folds random folds, each ranked by a gate fit on the other
+    folds from the same start. Returns those cross-fitted validation ranks (U,); the model
+    keeps the gate fit on every validation user."""
+    start = [w.detach().clone() for w in gate_params(model)]
+    n_users = len(data["seqs"])
+    folds = torch.randperm(n_users, generator=torch.Generator().manual_seed(args.seed)).chunk(args.gate_fit_folds)
+    ranks = torch.empty(n_users, dtype=torch.long)
+    for i, fold in enumerate(folds):
+        fit_gate(model, data, args, users=torch.cat([f for j, f in enumerate(folds) if j != i]))
+        ranks[fold] = user_ranks(model, data, "valid", args.eval_batch_size, args.keep_repeated_targets, users=fold)
+        with torch.no_grad():
+            for w, w0 in zip(gate_params(model), start):
+                w.copy_(w0)
+    fit_gate(model, data, args)
+    return ranks
+
+
+def fit_gate(model, data, args, users=None):
+    """DEVIATION (--gate-fit valid, valid-only): fit the gate of Eq. (11) alone on the validation
+    split, the experts frozen, from where training (valid-only: the gate's initialisation) left
+    it, by Adam on the run's L_REC of each user's validation target: BCE against
+    --gate-fit-negatives items drawn outside the user's earlier items each pass (--loss bce), or
+    the softmax over all items with those items masked (--loss ce: trainer.ce_loss after
+    evaluate.mask_seen, the ranking's mask). A target that repeats an earlier item is skipped
+    (a miss whatever the gate does). users: the validation rows to fit on (default: all);
+    --gate-fit-lr and --gate-fit-batch-size set Adam's step and the users per step."""
+    model.eval()
+    for w in model.parameters():
+        w.requires_grad_(False)
+    params = gate_params(model)
+    for w in params:
+        w.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=args.gate_fit_lr)
+    batch_size, negatives = args.gate_fit_batch_size, args.gate_fit_negatives
+    device = next(model.parameters()).device
+    inputs, targets = split_sequences(data["seqs"], "valid")
+    history = history_before_target(data["seqs"], "valid")
+    if users is not None:
+        inputs, targets, history = inputs[users], targets[users], history[users]
+    keep = ~(history == targets[:, None]).any(1)
+    inputs, targets, history = inputs[keep], targets[keep], history[keep]
+    with torch.no_grad():
+        tables = model.item_tables()  # K x (N+1, d), frozen (the text expert's scale sits in its states)
+    gen = torch.Generator().manual_seed(args.seed)
+    for epoch in range(1, args.gate_fit_epochs + 1):
+        neg = sample_negatives(torch.cat([history, targets[:, None]], 1), data["n_items"], (len(targets), negatives), gen)
+        total = 0.0
+        for idx in torch.randperm(len(inputs), generator=gen).split(batch_size):
+            seq, tgt, hist = inputs[idx].to(device), targets[idx].to(device), history[idx].to(device)
+            with torch.set_grad_enabled("text" in model.experts):  # the text expert's scale is fit too
+                h = [h_k[:, -1] for h_k in model.states(seq)]  # K x (b, d)
+            states = [h_k[:, None] for h_k in h]  # K x (b, 1, d)
+            if args.loss == "ce":
+                o = [h_k @ t.T for h_k, t in zip(h, tables)]  # K x (b, N+1): o_k, fixed
+                phi = model.fuse(o, states, model.bucket.expand(len(seq), -1), per_bucket=True)
+                phi = mask_seen(phi, hist)  # earlier items and padding out of the softmax
+                loss = ce_loss(phi[:, None], tgt[:, None], torch.ones_like(tgt[:, None], dtype=torch.bool))
+            else:
+                items = torch.cat([tgt[:, None], neg[idx].to(device)], 1)  # (b, 1 + negatives): target first
+                o = [(h_k[:, None] * t[items]).sum(-1) for h_k, t in zip(h, tables)]  # K x (b, 1 + negatives)
+                phi = model.fuse(o, states, model.bucket[items])
+                loss = bce_loss(phi[:, :1].expand(-1, negatives), phi[:, 1:], torch.ones_like(phi[:, 1:], dtype=torch.bool))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        if users is None and (not args.quiet or epoch == args.gate_fit_epochs):  # the fit kept, not the folds'
+            print(f"gate fit on validation, pass {epoch}: {args.loss} {total / len(inputs):.4f}", flush=True)
+    for w in model.parameters():
+        w.requires_grad_(True)
