@@ -611,25 +611,25 @@ def comparisons(runs, t, with_controls):
 def comparisons_md(comps):
     if not comps:
         return []
-    return ["\n| a − b | measures | Δ HR@10 [95% CI over users] | Δ nDCG@10 [95% CI over users] | p over seeds (nDCG@10) |",
-            "|---|---|---|---|---|",
-            *(f"| {c['a']} − {c['b']} | {c['measures']} | "
-              + " | ".join("{:+.2f} [{:+.2f}, {:+.2f}]".format(c[m]["difference"], *c[m]["ci95"]) for m in ("HR@10", "nDCG@10"))
-              + f" | {c['p_seeds_nDCG@10']:.2g} |" for c in comps),
-            f"\nIntervals: each test user's metric averaged over the seeds, then a paired t-interval over the "
-            f"{comps[0]['HR@10']['users']} users; p: paired t-test over the seeds."]
+    table = ["| a − b | measures | Δ HR@10 [95% CI over users] | Δ nDCG@10 [95% CI over users] | p over seeds (nDCG@10) |",
+             "|---|---|---|---|---|",
+             *(f"| {c['a']} − {c['b']} | {c['measures']} | "
+               + " | ".join("{:+.2f} [{:+.2f}, {:+.2f}]".format(c[m]["difference"], *c[m]["ci95"]) for m in ("HR@10", "nDCG@10"))
+               + f" | {c['p_seeds_nDCG@10']:.2g} |" for c in comps)]
+    return ["\n".join(table), f"Intervals: each test user's metric averaged over the seeds, then a paired t-interval "
+                               f"over the {comps[0]['HR@10']['users']} users; p: paired t-test over the seeds."]
 
 
 def verdict_md(t, summary):
     """The verdict table: validation beside test for every row, the comparisons, the gates."""
     md = [summary_table(t, VALID_AND_TEST, base="SASRec (CE)" if "SASRec (CE)" in t else None),
-          "\nvalid: validation HR@10 / nDCG@10; a gate fit on validation is scored cross-fitted (each half of the "
+          "valid: validation HR@10 / nDCG@10; a gate fit on validation is scored cross-fitted (each half of the "
           "users by a gate fit on the other half). Impr.: nDCG@10 over SASRec (CE)."]
     md += comparisons_md(summary["comparisons"])
     gated = {lb: rs for lb, rs in t.items() if all("gate_per_bucket" in r for r in rs)}
     if gated:
-        md += ["\n| row | gate share per expert, warmest → coldest bucket (test users, mean over seeds) |", "|---|---|"]
-        md += [f"| {lb} | {gate_shares(rs)} |" for lb, rs in gated.items()]
+        md += ["\n".join(["| row | gate share per expert, warmest → coldest bucket (test users, mean over seeds) |",
+                           "|---|---|", *(f"| {lb} | {gate_shares(rs)} |" for lb, rs in gated.items())])]
     return md
 
 
@@ -670,18 +670,21 @@ def cell(rs, m):
 
 
 def screen_md(t, summary):
+    """The screen's variants in the order validation ranks them; test for the chosen one only:
+    [table, note], each a markdown block."""
     md = ["| rank | variant | seeds | valid HR@10 | valid nDCG@10 | test HR@10 | test nDCG@10 |", "|---|---|---|---|---|---|---|"]
     for i, lb in enumerate(summary["order"], 1):
         rs, chosen = t[lb], lb == summary["chosen"]
         cells = [cell(rs, m) for m in ["valid HR@10", "valid nDCG@10", *(["HR@10", "nDCG@10"] if chosen else [])]]
         md.append(f"| {i} | {lb}{' (chosen)' if chosen else ''} | {len(rs)} | " + " | ".join(cells + ["", ""] * (not chosen)) + " |")
-    return md + ["\nChosen by mean validation nDCG@10 over the seeds (a gate fit on validation scored cross-fitted); "
-                 "test is reported for the chosen variant only."]
+    return ["\n".join(md), "Chosen by mean validation nDCG@10 over the seeds (a gate fit on validation scored "
+                             "cross-fitted); test is reported for the chosen variant only."]
 
 
 def phase3_md(t, summary):
     """The phase-3 variants in the order validation ranks them, validation beside test, cold
-    targets and each expert's gate share (warmest → coldest bucket)."""
+    targets and each expert's gate share (warmest → coldest bucket): [table, note], each a
+    markdown block."""
     metrics = ["valid HR@10", "valid nDCG@10", "valid cold HR@10", "HR@10", "nDCG@10", "cold HR@10"]
     md = ["| rank | variant | seeds | " + " | ".join(metrics) + " | gate shares |", "|---|---|---|" + "---|" * (len(metrics) + 1)]
     for i, lb in enumerate(summary["order"], 1):
@@ -690,8 +693,8 @@ def phase3_md(t, summary):
         shares = gate_shares(rs) if all("gate_per_bucket" in r for r in rs) else ""
         md.append(f"| {i} | {lb}{' (chosen)' if lb == summary['chosen'] else ''} | {len(rs)} | " + " | ".join(cells)
                   + f" | {shares} |")
-    return md + ["\nRanked by mean validation nDCG@10 over the seeds (a gate fit on validation scored cross-fitted); "
-                 "the chosen variant is the first, whatever the test columns say."]
+    return ["\n".join(md), "Ranked by mean validation nDCG@10 over the seeds (a gate fit on validation scored "
+                             "cross-fitted); the chosen variant is the first, whatever the test columns say."]
 
 
 RESULTS_INTRO = """# Results

@@ -4,6 +4,7 @@ paired t-test and the fig3 / fig6 statistics against independent computations.""
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -203,6 +204,7 @@ def test_report_remakes_every_page_from_its_json(all_experiments, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for md in all_experiments.glob("*.md"):
         assert (tmp_path / "tiny" / md.name).read_text() == md.read_text(), md.name
+        assert not re.search(r"\n\n\|(-+\|)+[ \t]*$", md.read_text(), re.M), f"{md.name}: a table cut by a blank line"
     index = (tmp_path / "README.md").read_text()
     comps = json.loads((all_experiments / "verdict.json").read_text())["summary"]["comparisons"]
     for c in comps:
