@@ -73,7 +73,8 @@ def add_training_args(p, groups=None):
     # DEVIATION: default batch 128 users so that the offline default converges in minutes on a
     # CPU; the paper's Appendix A uses 16 (pass --batch-size 16).
     t.add_argument("--batch-size", type=int, default=128, help="users per mini-batch; paper: 16")
-    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate; paper: not given")
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, 1e-3 (pretrain.py --backbone gru4rec: "
+                   "3e-3); paper: not given")
     t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay; paper: 0.1")
     # DEVIATION: early stopping on validation nDCG@10 with patience 10 (Appendix A gives the early-stop
     # epoch 10, no metric), testing the best epoch; the authors' release watches HR@10 with patience
