@@ -6,8 +6,9 @@ into a model, reused when finished, resumed from OUT.last.pt.
     runs/NAME/pretrain_sasrec_seed0.json       "args", "fingerprint", "metrics", ...}; its metrics
     runs/NAME/pretrain_sasrec_seed0.last.pt  while it trains: the state after its latest epoch
 
-A checkpoint describes itself (model_args, the flags, the dataset's fingerprint): the next
-phase rebuilds its model from it and refuses one of another dataset, phase or encoder.
+A checkpoint describes itself (complete model_args, the flags, the dataset's fingerprint): the
+next phase rebuilds its model from it and refuses one of another dataset, phase or encoder, or
+one whose model_args lack a key (MODEL_ARGS); nothing is guessed for an older run.
 """
 import json
 import os

@@ -8,9 +8,8 @@
 
 loss_fn is the phase's loss, written in its script: L_REC (rec_loss: the BCE of Eq. (1) / (6)
 with one sampled negative per position, or --loss ce), plus phase 2's γ · MK-MMD (Eq. 4).
-Around fit: the shared flags, the per-epoch state behind --resume, the guard that never
-replaces a finished run made with other flags, and PyTorch DDP when a script runs under
-torchrun:
+Around fit: the shared flags, and PyTorch DDP when a script runs under torchrun (the
+--resume state and the finished-run guard are in runs.py, the speed flags in speed.py):
 
     torchrun --nproc_per_node 4 pretrain.py --data mind --device cuda
 
