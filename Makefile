@@ -1,12 +1,12 @@
 # Two commands on a fresh machine with Python 3.11 (see README.md):
 #   make run    install, then the whole PAD paradigm on the offline default (ml-100k, CPU);
-#               make run PRESET=recipe: the text-path recipe (also trains the MoRec run it needs)
+#               make run PRESET=recipe: the recipe, beyond the paper (also trains the MoRec run it needs)
 #   make test   install, then the test suite (what .ci/run calls)
 #   make table  the SASRec vs PAD table of finished runs (of PRESET), nothing trained
 # Variables: DATA (prepared dataset name), SEEDS (space-separated), DEVICE (cpu|cuda),
 # PREPARE (extra flags for prepare_data.py, e.g. "--raw-dir raw/MIND --encoder llm2vec";
 # changing them re-prepares), THREADS (threads per process), FORCE=1 (retrain finished runs),
-# PRESET (none: the paper's configuration; recipe: the text-path recipe, trainer.PRESETS).
+# PRESET (none: the paper's configuration; recipe: the recipe, trainer.PRESETS).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -24,7 +24,7 @@ SASREC_RUN_none := pretrain_sasrec
 PAD_RUN_none := finetune_sasrec_freq_id-align-llm_gaussian_rec_gamma0.1
 LABELS_none := SASRec PAD
 SASREC_RUN_recipe := pretrain_sasrec_ce_recipe
-PAD_RUN_recipe := finetune_sasrec_freq-validonly_id-align-llm_gaussian_rec_gamma0.1_llm-morec_text-std-l0_ce_recipe
+PAD_RUN_recipe := finetune_sasrec_freq-validonly_id-align-llm-text_gaussian_rec_gamma0.1_llm-morec_text-std-l0_ce_recipe
 LABELS_recipe := SASRec-(CE) PAD-(recipe)
 FLAGS := --data $(DATA) --device $(DEVICE) --preset $(PRESET) $(if $(THREADS),--threads $(THREADS)) $(if $(FORCE),--overwrite)
 comma := ,

@@ -27,13 +27,13 @@ run), EXP.json (the rows and the summary), EXP.md (the table) and EXP.png (the f
   deviations  beyond the paper: each choice of the authors' release where the paper is silent
           (--preset authors), alone on top of our defaults: SASRec where it reaches phase 1, and
           PAD; paired t-test of each against ours
-  verdict beyond the paper: the baselines, the paper's PAD and the text-path recipe beside its
-          same-treatment controls, with paired 95% intervals over test users
+  verdict beyond the paper: the baselines, the paper's PAD and the recipe (--preset recipe)
+          beside its same-treatment controls, with paired 95% intervals over test users
   screen  beyond the paper: the text-path screen's six PAD variants ranked by validation, test
           for the chosen one only
-  phase3  beyond the paper: phase-3 variants on the recipe's expert runs (the text-kNN expert,
-          --bucket-bias, joint training with --expert-lr / --aux-weight and the gate refit on
-          validation), ranked by validation, test and gate shares beside it
+  phase3  beyond the paper: phase-3 variants on the text path's expert runs (the text-kNN expert,
+          --bucket-bias, the gate fit's passes, joint training with --expert-lr / --aux-weight and
+          the gate refit on validation), ranked by validation, test and gate shares beside it
 --extra passes flags to every training run (e.g. --extra "--epochs 2" for a smoke test),
 --model-flags to the runs that build a model from scratch; --dry-run lists the commands
 still to run.
@@ -42,6 +42,7 @@ import argparse
 import concurrent.futures as cf
 import csv
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -61,25 +62,32 @@ from trainer import AUTHORS_INFONCE_WEIGHT, PRESETS
 
 EXPERIMENTS = ("table2", "table3", "fig2", "fig3", "fig4", "fig5", "fig6", "deviations", "verdict", "screen", "phase3")
 TEXT_FIX = {"text_norm": "standard", "text_layers": 0}  # the text-path screen's f_MLP (experiments.py screen)
-# the text-path recipe (beyond the paper): CE, the standardised one-layer f_MLP, the LLM expert
-# from the CE MoRec, the experts as phases 1-2 left them and the gate fit on validation
-RECIPE = {"loss": "ce", "text": TEXT_FIX, "llm_init": True, "gate_fit": "valid-only"}
-RECIPE_LABEL = "PAD (CE, std f_MLP, LLM from MoRec, experts not fine-tuned, gate fit on valid)"
+# the text path (beyond the paper; the text-path screen's choice on validation, experiments.py
+# screen): CE, the standardised one-layer f_MLP, the LLM expert from the CE MoRec, the experts as
+# phases 1-2 left them and the gate fit on validation
+TEXT_PATH = {"loss": "ce", "text": TEXT_FIX, "llm_init": True, "gate_fit": "valid-only"}
+TEXT_PATH_LABEL = "PAD (CE, std f_MLP, LLM from MoRec, experts not fine-tuned, gate fit on valid)"
+# the recipe (--preset recipe): the text path with the text-kNN expert under the gate, the
+# phase-3 screen's choice on validation (experiments.py phase3; the rule: results/experiments.md)
+RECIPE = {**TEXT_PATH, "experts": "id,align,llm,text"}
+RECIPE_LABEL = "PAD recipe (the text path + text-kNN expert)"
 # verdict: the controls that reuse the recipe's expert runs and fit their gate on validation
 # alike, and what each difference to the recipe measures
-CONTROLS = {"stack: SASRec (CE) + MoRec (CE, std f_MLP), gate fit on valid": "what PAD adds over the plain stack",
-            "stack + text-kNN expert, gate fit on valid": "what PAD adds over the stack with the text floor",
+CONTROLS = {"stack: SASRec (CE) + MoRec (CE, std f_MLP), gate fit on valid": "what the alignment and text-kNN experts add "
+                                                                             "over the plain stack",
+            "stack + text-kNN expert, gate fit on valid": "what the alignment expert adds over the stack with the text floor",
             "recipe with γ = 0 (SMEM's alignment expert)": "what the alignment (MK-MMD) adds",
             "recipe with one weight per expert (--gate none)": "what the frequency-aware gate adds"}
-# experiments.py phase3: phase-3 variants on the recipe's expert runs, chosen on validation:
+# experiments.py phase3: phase-3 variants on the text path's expert runs, chosen on validation:
 # {label: (run-name tag, finetune.py flags, Plan.finetune settings)}; a tag names runs with flags
 EXPERT_LR = ["--expert-lr", "1e-4"]
 AUX = ["--aux-weight", "1"]
 PHASE3 = {
-    RECIPE_LABEL: ("", [], {}),
-    "recipe + text-kNN expert": ("", [], {"experts": "id,align,llm,text"}),
-    "recipe + bucket bias": ("", [], {"bucket_bias": True}),
-    "recipe + text-kNN expert + bucket bias": ("", [], {"experts": "id,align,llm,text", "bucket_bias": True}),
+    TEXT_PATH_LABEL: ("", [], {}),
+    RECIPE_LABEL: ("", [], {"experts": "id,align,llm,text"}),
+    "text path + bucket bias": ("", [], {"bucket_bias": True}),
+    "text path + text-kNN expert + bucket bias": ("", [], {"experts": "id,align,llm,text", "bucket_bias": True}),
+    "the recipe, gate fit over 20 passes (default 5)": ("gf20", ["--gate-fit-epochs", "20"], {"experts": "id,align,llm,text"}),
     "phase 3 trained (Alg. 1), gate refit on valid": ("", [], {"gate_fit": "valid"}),
     "phase 3, experts at lr 1e-4, gate refit on valid": ("elr1e-4", EXPERT_LR, {"gate_fit": "valid"}),
     "phase 3, each expert's own loss too (--aux-weight 1), gate refit on valid": ("aux1", AUX, {"gate_fit": "valid"}),
@@ -241,10 +249,11 @@ def groups(exp, plan, seeds):
                                                                                        llm_init=True)),
               "PAD (CE, std f_MLP, LLM from MoRec, gate fit on valid)": per_seed(
                   lambda s: plan.finetune(s, loss="ce", text=TEXT_FIX, llm_init=True, gate_fit="valid")),
+              TEXT_PATH_LABEL: per_seed(lambda s: plan.finetune(s, **TEXT_PATH)),
               RECIPE_LABEL: per_seed(lambda s: plan.finetune(s, **RECIPE)),
               "PAD (std f_MLP, LLM from MoRec)": per_seed(lambda s: plan.finetune(s, text=TEXT_FIX, llm_init=True))}
-    controls = dict(zip(CONTROLS, (per_seed(lambda s: plan.finetune(s, experts="id,llm", **RECIPE)),
-                                   per_seed(lambda s: plan.finetune(s, experts="id,llm,text", **RECIPE)),
+    controls = dict(zip(CONTROLS, (per_seed(lambda s: plan.finetune(s, **{**RECIPE, "experts": "id,llm"})),
+                                   per_seed(lambda s: plan.finetune(s, **{**RECIPE, "experts": "id,llm,text"})),
                                    per_seed(lambda s: plan.finetune(s, ("gaussian", "rec", 0.0), **RECIPE)),
                                    per_seed(lambda s: plan.finetune(s, gate="none", **RECIPE)))))
     table2.update(controls)
@@ -256,10 +265,10 @@ def groups(exp, plan, seeds):
     if exp == "screen":  # the text-path screen's PAD variants, to be ranked by validation
         return {"": {k: table2[k] for k in ("PAD", "PAD (std f_MLP)", "PAD (std f_MLP, LLM from MoRec)",
                                             "PAD (CE, std f_MLP, LLM from MoRec)",
-                                            "PAD (CE, std f_MLP, LLM from MoRec, gate fit on valid)", RECIPE_LABEL)}}
-    if exp == "phase3":  # phase-3 variants on the recipe's expert runs, to be chosen on validation
+                                            "PAD (CE, std f_MLP, LLM from MoRec, gate fit on valid)", TEXT_PATH_LABEL)}}
+    if exp == "phase3":  # phase-3 variants on the text path's expert runs, to be chosen on validation
         variants = {lb: (plan.variant(tag, {"finetune": flags}) if tag else plan, kw) for lb, (tag, flags, kw) in PHASE3.items()}
-        return {"": {lb: per_seed(lambda s, v=v, kw=kw: v.finetune(s, **{**RECIPE, **kw})) for lb, (v, kw) in variants.items()}}
+        return {"": {lb: per_seed(lambda s, v=v, kw=kw: v.finetune(s, **{**TEXT_PATH, **kw})) for lb, (v, kw) in variants.items()}}
     if exp == "deviations":
         choices = {lb: plan.variant(tag, flags, **settings) for lb, (tag, flags, settings) in AUTHORS_CHOICES.items()}
         infonce = plan.variant("authors-tau", authors_flags(["tau"], ["align"]), gamma=AUTHORS_INFONCE_WEIGHT)
@@ -603,9 +612,15 @@ def comparisons(runs, t, with_controls):
         for metric in ("HR@10", "nDCG@10"):
             mean, low, high, users = user_interval(runs[a], runs[b], metric)
             c[metric] = {"difference": mean, "ci95": [low, high], "users": users}
-        c["p_seeds_nDCG@10"] = significance({a: t[a], b: t[b]}, a)[1]
+        p = significance({a: t[a], b: t[b]}, a)[1]
+        c["p_seeds_nDCG@10"] = None if math.isnan(p) else p  # one seed: no test over seeds
         out.append(c)
     return out
+
+
+def p_seeds(c):
+    p = c["p_seeds_nDCG@10"]
+    return "n/a (one seed)" if p is None or math.isnan(p) else f"{p:.2g}"
 
 
 def comparisons_md(comps):
@@ -615,7 +630,7 @@ def comparisons_md(comps):
              "|---|---|---|---|---|",
              *(f"| {c['a']} − {c['b']} | {c['measures']} | "
                + " | ".join("{:+.2f} [{:+.2f}, {:+.2f}]".format(c[m]["difference"], *c[m]["ci95"]) for m in ("HR@10", "nDCG@10"))
-               + f" | {c['p_seeds_nDCG@10']:.2g} |" for c in comps)]
+               + f" | {p_seeds(c)} |" for c in comps)]
     return ["\n".join(table), f"Intervals: each test user's metric averaged over the seeds, then a paired t-interval "
                                f"over the {comps[0]['HR@10']['users']} users; p: paired t-test over the seeds."]
 
@@ -648,7 +663,7 @@ def verdicts_md(comps, name):
         lines.append(f"- {c['measures'][0].upper() + c['measures'][1:]} ({SHORT.get(c['a'], c['a'])} − {SHORT.get(c['b'], c['b'])}): "
                      f"HR@10 {h['difference']:+.2f} [{h['ci95'][0]:+.2f}, {h['ci95'][1]:+.2f}], nDCG@10 "
                      f"{n['difference']:+.2f} [{n['ci95'][0]:+.2f}, {n['ci95'][1]:+.2f}]; the nDCG@10 interval "
-                     f"({n['users']} users) {sign}, p over seeds {c['p_seeds_nDCG@10']:.2g}.")
+                     f"({n['users']} users) {sign}, p over seeds {p_seeds(c)}.")
     return "\n".join(lines)
 
 
@@ -694,7 +709,9 @@ def phase3_md(t, summary):
         md.append(f"| {i} | {lb}{' (chosen)' if lb == summary['chosen'] else ''} | {len(rs)} | " + " | ".join(cells)
                   + f" | {shares} |")
     return ["\n".join(md), "Ranked by mean validation nDCG@10 over the seeds (a gate fit on validation scored "
-                             "cross-fitted); the chosen variant is the first, whatever the test columns say."]
+                             "cross-fitted); this dataset's choice is the first, whatever the test columns say. The recipe "
+                             "takes a variant only where it raises validation nDCG@10 over the text path on every dataset "
+                             "screened ([how](../experiments.md#how-the-recipe-was-chosen))."]
 
 
 RESULTS_INTRO = """# Results
@@ -705,19 +722,20 @@ HR@10 / nDCG@10 in %, test split, full ranking, a repeated target is a miss
 ([protocol](../README.md#evaluation-protocol)); how each experiment is run and what each row
 is: [experiments.md](experiments.md).
 
-Per dataset, the text-path recipe (`--loss ce`, standardised one-layer f_MLP, LLM expert from
-the CE MoRec, experts not fine-tuned, gate fit on validation) against controls that reuse its
-expert runs and fit their gate on validation alike; each line is the difference a − b with
-its paired 95% interval over test users."""
+Per dataset, the recipe (`--preset recipe`: `--loss ce`, standardised one-layer f_MLP, LLM
+expert from the CE MoRec, the text-kNN expert beside the three, experts not fine-tuned, gate
+fit on validation) against controls that reuse its expert runs and fit their gate on
+validation alike; each line is the difference a − b with its paired 95% interval over test
+users."""
 
 
 TITLES = {"table2": "Table 2", "table3": "Table 3", "fig2": "Fig. 2: SASRec vs PAD by target frequency",
           "fig3": "Fig. 3: top/bottom-10% collaborative pairs of cold items", "fig4": "Fig. 4: anchoring",
           "fig5": "Fig. 5", "fig6": "Fig. 6: Kendall's tau to the phase-1 ID table",
           "deviations": "The authors' choices, one at a time",
-          "verdict": "Same-treatment controls of the text-path recipe",
+          "verdict": "Same-treatment controls of the recipe",
           "screen": "The text-path screen, chosen on validation",
-          "phase3": "Phase-3 variants on the recipe's experts, chosen on validation"}
+          "phase3": "Phase-3 variants on the text path's experts, chosen on validation"}
 TABLES_ONLY = ("table2", "table3", "deviations", "verdict", "screen", "phase3")  # no figure
 
 

@@ -120,15 +120,16 @@ PRESETS = {
         "align": {"gamma": 0.2, "mmd_rows": "batch", "fuse_dropout": 0.1, "tau": 0.1},
         "finetune": {"lr": 1e-4, "gate": "bucket", "gate_init": "ramp", "gate_weight_decay": 0.01},
     },
-    # --preset recipe (beyond the paper): the text-path recipe, chosen on validation (results/experiments.md):
+    # --preset recipe (beyond the paper), each part chosen on validation (results/experiments.md):
     # CE in every phase, f_MLP one linear layer on the standardised table, the LLM expert from the
-    # CE MoRec run (baselines.py --method morec), the experts as phases 1-2 and MoRec left them,
-    # the gate fit on validation
+    # CE MoRec run (baselines.py --method morec), the text-kNN expert beside the three experts,
+    # the experts as phases 1-2 and MoRec left them, the gate fit on validation
     "recipe": {
         "all": {"loss": "ce"},
         "align": {"text_norm": "standard", "text_layers": 0},
         "baselines": {"text_norm": "standard", "text_layers": 0},
-        "finetune": {"text_norm": "standard", "text_layers": 0, "gate_fit": "valid-only", "llm_init": "morec"},
+        "finetune": {"text_norm": "standard", "text_layers": 0, "gate_fit": "valid-only", "llm_init": "morec",
+                     "experts": "id,align,llm,text"},
     },
 }
 

@@ -63,7 +63,7 @@ def test_table2_rows_and_significance(all_experiments):
     beyond = ["MoRec (std f_MLP)", "PAD (std f_MLP)", "MoRec (CE, std f_MLP)", "PAD (CE, std f_MLP, LLM from MoRec)",
               "PAD (CE, std f_MLP, LLM from MoRec, gate fit on valid)",
               "PAD (CE, std f_MLP, LLM from MoRec, experts not fine-tuned, gate fit on valid)",
-              "PAD (std f_MLP, LLM from MoRec)", *CONTROLS]
+              "PAD (std f_MLP, LLM from MoRec)", RECIPE_LABEL, *CONTROLS]
     labels = ["SASRec", "SASRec (CE)", "text-kNN", "text-kNN (mean)", "Hybrid", "MoRec", "CTRL", "MAKE", "DisCo", "SMEM",
               "PAD", *beyond]
     assert sorted({r["label"] for r in rows}) == sorted(labels)
@@ -71,11 +71,13 @@ def test_table2_rows_and_significance(all_experiments):
     assert names["MoRec (CE, std f_MLP)"] == "baseline_morec_sasrec_text-std-l0_ce_seed0.pt"
     assert names[beyond[4]] == "finetune_sasrec_freq-validfit_id-align-llm_gaussian_rec_gamma0.1_llm-morec_text-std-l0_ce_seed0.pt"
     assert names[beyond[5]] == "finetune_sasrec_freq-validonly_id-align-llm_gaussian_rec_gamma0.1_llm-morec_text-std-l0_ce_seed0.pt"
+    recipe = names[RECIPE_LABEL]  # the text path's run with the text-kNN expert beside its three
+    assert recipe == names[beyond[5]].replace("id-align-llm_", "id-align-llm-text_")
     stack, text, gamma0, nogate = CONTROLS  # the controls reuse the recipe's expert runs, each changing one thing
     assert names[stack] == "finetune_sasrec_freq-validonly_id-llm_llm-morec_text-std-l0_ce_seed0.pt"
     assert names[text] == "finetune_sasrec_freq-validonly_id-llm-text_llm-morec_text-std-l0_ce_seed0.pt"
-    assert names[gamma0] == names[beyond[5]].replace("gamma0.1", "gamma0")
-    assert names[nogate] == names[beyond[5]].replace("freq-", "none-")
+    assert names[gamma0] == recipe.replace("gamma0.1", "gamma0")
+    assert names[nogate] == recipe.replace("freq-", "none-")
     assert all(sum(r["label"] == lb for r in rows) == 1 for lb in labels)  # seed 0 each
     for r in rows:
         metrics = json.loads((ROOT / r["run"]).with_suffix(".json").read_text() if not r["run"].startswith("/")
@@ -186,6 +188,7 @@ def test_phase3_ranks_by_validation_and_runs_each_variants_flags(all_experiments
         assert args["expert_lr"] == (1e-4 if "--expert-lr" in flags else None)
         assert args["aux_weight"] == (1.0 if "--aux-weight" in flags else 0.0)
         assert args["bucket_bias"] == settings.get("bucket_bias", False)
+        assert args["gate_fit_epochs"] == (20 if "--gate-fit-epochs" in flags else 5)
         assert args["gate_fit"] == settings.get("gate_fit", "valid-only")
         assert ("text" in args["experts"]) == ("text" in settings.get("experts", ""))
         assert (args["pretrain"], args["align"], args["llm_init"]) == (recipe["pretrain"], recipe["align"], recipe["llm_init"])

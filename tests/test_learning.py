@@ -155,7 +155,7 @@ def test_make_run_on_the_tiny_data(tmp_path, dataset, preset):
     flags make writes, so prepare_data.py is not run; the install step is marked done and BIN is
     this interpreter's folder. FLAGS is the Makefile's own (--data --device --preset --threads)
     with short training: the Makefile has no variable for extra phase flags. PRESET=recipe also
-    trains the CE MoRec run and fits the gate of its experts on validation."""
+    trains the CE MoRec run and fits the gate of its experts (with the text-kNN one) on validation."""
     copy = tmp_path / "repo"
     copy.mkdir()
     for f in [*ROOT.glob("*.py"), ROOT / "Makefile", ROOT / "requirements.txt"]:
@@ -180,7 +180,7 @@ def test_make_run_on_the_tiny_data(tmp_path, dataset, preset):
     p1 = runs / ("pretrain_sasrec_seed0.pt" if preset == "none" else "pretrain_sasrec_ce_recipe_seed0.pt")
     p2 = runs / f"align_sasrec_gaussian_rec_gamma0.1{tag}_seed0.pt"
     p3 = runs / ("finetune_sasrec_freq_id-align-llm_gaussian_rec_gamma0.1_seed0.pt" if preset == "none" else
-                 f"finetune_sasrec_freq-validonly_id-align-llm_gaussian_rec_gamma0.1_llm-morec{tag}_seed0.pt")
+                 f"finetune_sasrec_freq-validonly_id-align-llm-text_gaussian_rec_gamma0.1_llm-morec{tag}_seed0.pt")
     morec = runs / f"baseline_morec_sasrec{tag}_seed0.pt"
     m1, m2, m3 = (metrics(p) for p in (p1, p2, p3))
     assert m2["init"] == str(p1.relative_to(copy))  # each phase starts from the one before

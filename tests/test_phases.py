@@ -489,6 +489,32 @@ def test_preset_authors_sets_its_flags_and_a_flag_given_wins(work, dataset):
     assert not torch.equal(a3["state"]["gate.v.weight"], ramp_logits(["id", "align", "llm"], 10))  # trained, it moved
 
 
+@pytest.mark.parametrize("script", ["pretrain", "baselines", "align", "finetune"])
+def test_preset_recipe_sets_its_flags_and_a_flag_given_wins(script, monkeypatch):
+    """--preset recipe: each script's parsed flags carry trainer.PRESETS["recipe"]'s values
+    for it (parsed as the flag parses them), and a flag given on the command line wins."""
+    import importlib
+
+    from trainer import PRESETS
+
+    module = importlib.import_module(script)
+    want = {**PRESETS["recipe"]["all"], **PRESETS["recipe"].get(script, {})}
+    base = [f"{script}.py", "--preset", "recipe", *(["--method", "morec"] if script == "baselines" else [])]
+    monkeypatch.setattr(sys, "argv", base)
+    args = vars(module.flags())
+    parsed = {"experts": lambda v: v.split(",")}
+    assert {k: args[k] for k in want} == {k: parsed.get(k, lambda v: v)(v) for k, v in want.items()}
+    assert args["loss"] == "ce" and (script != "finetune" or args["experts"] == ["id", "align", "llm", "text"])
+    given = ["--loss", "bce", *(["--experts", "id,align,llm", "--gate-fit", "valid"] if script == "finetune" else [])]
+    monkeypatch.setattr(sys, "argv", base + given)
+    args = vars(module.flags())
+    assert args["loss"] == "bce" and args["preset"] == "recipe"
+    if script == "finetune":
+        assert (args["experts"], args["gate_fit"], args["llm_init"]) == (["id", "align", "llm"], "valid", "morec")
+    if script != "pretrain":
+        assert (args["text_norm"], args["text_layers"]) == ("standard", 0)  # the preset's, not given
+
+
 def test_text_norm_flows_from_phase_2_and_a_mismatch_is_refused(work, dataset, phase1):
     p2, p3 = work / "align_std.pt", work / "finetune_std.pt"
     run("align.py", "--data", dataset, "--init", phase1["sasrec"][0], "--text-norm", "standard", *TRAIN, "--out", p2)
