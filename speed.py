@@ -1,6 +1,7 @@
 """How a training step runs at the hardware's pace, beyond the paper: --precision (bf16
 autocast), --fast-dropout (cheaper dropout masks on CPU) and --compile (torch.compile, CUDA
-graphs). trainer.fit calls it at three points:
+graphs); on a CPU, freed memory is kept for reuse (reuse_freed_memory, trainer.setup).
+trainer.fit calls it at three points:
 
     opt = optimizer(groups, args)            # AdamW, fused on this path
     step = compile_loss(step_loss, args)     # the step's loss, compiled or eager
@@ -10,6 +11,8 @@ Without any of these flags a run keeps float32, torch's dropout and foreach Adam
 numbers do not depend on this module. Measurements: benchmarks/README.md.
 """
 import contextlib
+import ctypes
+import os
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,24 @@ def add_speed_args(p):
                    help="CPU: dropout masks from 16 random bits per element (speed.bits16_dropout)")
     p.add_argument("--compile", default="none", choices=COMPILE_MODES,
                    help="torch.compile the step (reduce-overhead: CUDA graphs; benchmarks/README.md)")
+
+
+def reuse_freed_memory():
+    """CPU runs: glibc's malloc gives every block of 32 MiB or more back to the kernel when it is
+    freed (mmap / munmap), so the large tensors of a step, the (B, L, N) logits of --loss ce first,
+    are faulted in again page by page at every step. With mmap off (M_MMAP_MAX 0) and the heap's
+    top kept up to 2 GiB (M_TRIM_THRESHOLD), freed blocks are reused: the same numbers, faster
+    steps (benchmarks/README.md), a resident set that stays near its peak. Only with glibc, and not
+    when MALLOC_MMAP_MAX_ or MALLOC_MMAP_THRESHOLD_ is set (MALLOC_MMAP_MAX_=65536, glibc's default,
+    keeps glibc's behaviour). True when it took effect."""
+    if {"MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_"} & set(os.environ):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's <malloc.h>
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
 def fast_path(args):

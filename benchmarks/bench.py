@@ -7,7 +7,7 @@
         --precision bf16 --fast-dropout --baseline
     python benchmarks/bench.py --data synthetic-electronics --figures train --phases 1 --loss ce --ce-chunk 2048
 
-Figures (each line: {"figure", "value", "unit", "dataset", "device", "threads", ...}):
+Figures (each line: {"figure", "value", "unit", "dataset", "device", "threads", "malloc", ...}):
   negatives    seconds of trainer.fit's per-epoch draw of negatives for every user;
   train        sequences (users) per second of --steps training steps of each phase, each as in
                trainer.fit: its real loss (pretrain.phase1_loss, align.phase2_loss, finetune.phase3_loss),
@@ -48,7 +48,7 @@ from models import EXPERTS, build_model
 from serve import top_items  # noqa: E402
 from finetune import phase3_loss  # noqa: E402
 from pretrain import phase1_loss  # noqa: E402
-from speed import add_speed_args, compile_loss, optimizer, step_context  # noqa: E402
+from speed import add_speed_args, compile_loss, optimizer, reuse_freed_memory, step_context  # noqa: E402
 from trainer import PhaseLoss, add_loss_args, resolve_device, sample_negatives  # noqa: E402
 from runs import model_from_checkpoint, read_checkpoint  # noqa: E402
 
@@ -262,10 +262,12 @@ def main():
         torch.set_num_threads(args.threads)
 
     device = resolve_device(args.device)
+    malloc = "reuse" if device.type == "cpu" and reuse_freed_memory() else "glibc"  # as trainer.setup does
     start = time.perf_counter()
     data = load_dataset(args.data)
     common = {"dataset": data["name"], "users": len(data["seqs"]), "items": data["n_items"],
-              "d_text": data["text_emb"].shape[1], "device": str(device), "threads": torch.get_num_threads()}
+              "d_text": data["text_emb"].shape[1], "device": str(device), "threads": torch.get_num_threads(),
+              "malloc": malloc}
 
     def emit(figure, value, unit, **fields):
         print(json.dumps({"figure": figure, "value": round(value, 4), "unit": unit, **common, **fields}), flush=True)

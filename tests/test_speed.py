@@ -11,6 +11,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import subprocess
 import sys
 import sysconfig
@@ -295,3 +296,31 @@ def test_bench_baseline_prints_the_speedup_with_its_spread(tmp_path):
         up = next(x for x in lines if x["figure"] == "speedup" and x["phase"] == phase)
         assert up["rounds"] == 3 and up["unit"] == "x" and 0 < up["min"] and math.isfinite(up["max"])  # a ratio measured
 
+
+
+MALLOC_PROBE = """
+import ctypes, sys, torch
+from speed import reuse_freed_memory
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+took = reuse_freed_memory()
+x = torch.ones(16 * 2 ** 20)  # 64 MiB: above glibc's largest mmap threshold
+print(took, libc.mallinfo2().hblkhd >= x.nbytes)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux")
+@pytest.mark.parametrize("env, expect", [({}, "True False"), ({"MALLOC_MMAP_MAX_": "65536"}, "False True"),
+                                         ({"MALLOC_MMAP_THRESHOLD_": "1048576"}, "False True")])
+def test_reuse_freed_memory_keeps_large_tensors_off_mmap_unless_malloc_is_set(env, expect):
+    """speed.reuse_freed_memory (trainer.setup on a CPU): a 64 MiB tensor comes from the heap,
+    where a freed block is reused, not from its own mmap; a MALLOC_ variable in the environment
+    leaves glibc as it is. (That training gives the same weights either way: the benchmarks page.)"""
+    r = subprocess.run([sys.executable, "-c", MALLOC_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in {**os.environ, **env}.items()
+                            if not k.startswith("MALLOC_") or k in env})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == expect.split()
