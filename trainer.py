@@ -68,7 +68,8 @@ def add_training_args(p, groups=None):
     g = groups or dict.fromkeys(SECTIONS, p)
     t, a, b, r = g["training"], g["authors"], g["beyond"], g["run"]
     add_loss_args(t, r)
-    t.add_argument("--epochs", type=int, default=200, help="maximum epochs (early stopping ends sooner)")
+    t.add_argument("--epochs", type=int, default=200,
+                   help="maximum epochs (early stopping ends sooner); 0 tests the starting weights")
     # DEVIATION: default batch 128 users so that the offline default converges in minutes on a
     # CPU; the paper's Appendix A uses 16 (pass --batch-size 16).
     t.add_argument("--batch-size", type=int, default=128, help="users per mini-batch; paper: 16")
@@ -432,7 +433,8 @@ def fit(model, data, args, out, loss_fn):
                      "args": vars(args), "fingerprint": data["fingerprint"]}, last)  # read_state's keys
     if since_best >= args.patience and main:
         print(f"early stop: no better valid {stop} for {args.patience} epochs", flush=True)
-    if args.test_epoch == "best":  # DEVIATION (default): the authors' release tests the last epoch's weights
+    if args.test_epoch == "best" and best_state is not None:  # None: --epochs 0, the starting weights are tested
+        # DEVIATION (default): the authors' release tests the last epoch's weights
         model.load_state_dict(best_state)
     if world > 1:
         checksum = sum(w.double().sum().item() for w in model.state_dict().values() if w.is_floating_point())

@@ -178,6 +178,27 @@ def test_pretrain_then_evaluate(backbone, phase1, dataset):
     assert valid["HR@10"] == pytest.approx(metrics["valid"]["HR@10"], abs=1e-4)
 
 
+def test_epochs_0_tests_the_starting_weights_through_every_phase(work, dataset):
+    """--epochs 0 trains nothing: the checkpoint holds the starting weights (the seed's init, or
+    the previous phase's), best_epoch is 0 and the written metrics are those weights' ranking."""
+    zero = [*MODEL, "--epochs", "0", "--quiet", "--seed", "3"]
+    paths = [work / f"epochs0_{k}.pt" for k in (1, 2)]
+    for path in paths:
+        run("pretrain.py", "--data", dataset, *zero, "--out", path)
+    first, again = (load(p)["state"] for p in paths)
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    metrics = json.loads(paths[0].with_suffix(".json").read_text())
+    assert metrics["epochs"] == [] and metrics["best_epoch"] == 0
+    assert evaluate_cli("--ckpt", paths[0])["nDCG@10"] == pytest.approx(metrics["test"]["nDCG@10"], abs=1e-4)
+    aligned = work / "epochs0_align.pt"
+    run("align.py", "--data", dataset, "--init", paths[0], *zero[4:], "--out", aligned)
+    assert torch.equal(load(aligned)["state"]["items.id.h_c.weight"], first["items.h_c.weight"])
+    assert json.loads(aligned.with_suffix(".json").read_text())["best_epoch"] == 0
+    final = work / "epochs0_finetune.pt"
+    run("finetune.py", "--data", dataset, "--pretrain", paths[0], "--align", aligned, *zero[4:], "--out", final)
+    assert json.loads(final.with_suffix(".json").read_text())["best_epoch"] == 0
+
+
 # --- Phase 2 -----------------------------------------------------------------------------
 
 
