@@ -6,12 +6,13 @@ through experiments.py, then each run's wall time, epochs and seconds per epoch.
     python benchmarks/pipeline.py --data synthetic-mind --device cuda --epochs 1 --extra "--compile reduce-overhead"
 
 The configuration is a label of an experiments.py experiment (default: the recipe of
-`verdict`). Prints one JSON line per run (figure "run": wall seconds, epochs trained, mean
-seconds per epoch, evaluation seconds) and one for the whole ("pipeline": wall seconds), with
-bench.py's keys `figure`, `value`, `unit`, `dataset`, `device`.
+`verdict`). Prints one JSON line per run as it finishes (figure "run": wall seconds, epochs
+trained, mean seconds per epoch, evaluation seconds) and one for the whole ("pipeline": wall
+seconds), with bench.py's keys `figure`, `value`, `unit`, `dataset`, `device`, `threads`.
 """
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -53,26 +54,33 @@ def main():
     if final is None:
         raise SystemExit(f"--label {args.label!r}: not a row of experiments.py {args.experiment}")
     extra = " ".join([*(["--epochs", str(args.epochs)] if args.epochs else []), args.extra]).strip()
+    threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)  # what experiments.py gives a run (--jobs 1)
+    base = {"dataset": data["name"], "device": args.device, "threads": threads}
+    runs_by_name = {run.out.name: run for run in needed(final)}
     t0 = time.time()
-    r = subprocess.run([sys.executable, "experiments.py", args.experiment, "--only", args.label, "--data", args.data,
-                        "--seeds", str(args.seed), "--device", args.device, "--jobs", "1", "--runs", str(runs),
-                        "--results", str(runs / "results"), *(["--extra", extra] if extra else []),
-                        *(["--model-flags", args.model_flags] if args.model_flags else [])],
-                       cwd=ROOT, capture_output=True, text=True)
-    total = time.time() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"experiments.py failed (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
-    wall = {m[1]: float(m[2]) for m in re.finditer(r"^done (\S+) in (\d+)s", r.stdout, re.M)}  # experiments.execute
-    base = {"dataset": data["name"], "device": args.device}
-    for run in needed(final):
-        metrics = run.metrics()
-        seconds = [e["seconds"] for e in metrics["epochs"]]
-        print(json.dumps({"figure": "run", "run": run.out.name, "script": run.cmd[0], "value": wall.get(run.out.name),
-                          "unit": "s", "epochs": len(seconds),
-                          "s_per_epoch": round(sum(seconds) / len(seconds), 2) if seconds else None,
-                          "eval_s": round(metrics["eval_seconds"], 2), **base}))
-    print(json.dumps({"figure": "pipeline", "label": args.label, "value": round(total, 1), "unit": "s", **base}))
-
+    # experiments.py prints "done NAME in Ns" as each run ends: each run's line is printed then,
+    # so that a pipeline stopped by a time limit still leaves the runs that finished
+    child = subprocess.Popen([sys.executable, "experiments.py", args.experiment, "--only", args.label, "--data", args.data,
+                              "--seeds", str(args.seed), "--device", args.device, "--jobs", "1", "--runs", str(runs),
+                              "--results", str(runs / "results"), *(["--extra", extra] if extra else []),
+                              *(["--model-flags", args.model_flags] if args.model_flags else [])],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    tail = []
+    for line in child.stdout:
+        tail = (tail + [line])[-40:]
+        done = re.match(r"done (\S+) in (\d+)s", line)
+        if done and done[1] in runs_by_name:
+            metrics = runs_by_name[done[1]].metrics()
+            seconds = [e["seconds"] for e in metrics["epochs"]]
+            print(json.dumps({"figure": "run", "run": done[1], "script": runs_by_name[done[1]].cmd[0],
+                              "value": float(done[2]), "unit": "s", "epochs": len(seconds),
+                              "s_per_epoch": round(sum(seconds) / len(seconds), 2) if seconds else None,
+                              "eval_s": round(metrics["eval_seconds"], 2), **base}), flush=True)
+    if child.wait() != 0:
+        raise SystemExit(f"experiments.py failed (exit {child.returncode}):\n{''.join(tail)[-3000:]}")
+    print(json.dumps({"figure": "pipeline", "label": args.label, "value": round(time.time() - t0, 1), "unit": "s",
+                      **base}))
 
 if __name__ == "__main__":
     main()

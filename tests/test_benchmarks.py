@@ -102,16 +102,44 @@ def test_bench_prints_one_json_line_per_figure(tiny):
 
 def test_pipeline_times_every_run_of_the_recipe(tiny, tmp_path):
     """benchmarks/pipeline.py: the recipe's runs (phase 1, phase 2, the MoRec baseline, phase 3)
-    trained in a fresh folder, dependencies first, one JSON line each with its wall time and
+    trained in a fresh folder, dependencies first, one JSON line each as it ends, with its wall time and
     epochs as its metrics JSON records them, then the whole pipeline's time."""
     r = run("benchmarks/pipeline.py", "--data", tiny, "--epochs", 1, "--model-flags", "--d 16 --n-blocks 1",
             "--runs", tmp_path / "runs")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = [json.loads(x) for x in r.stdout.splitlines()]
     per_run, whole = lines[:-1], lines[-1]
-    assert [x["script"] for x in per_run] == ["pretrain.py", "align.py", "baselines.py", "finetune.py"]
+    scripts = [x["script"] for x in per_run]  # in the order they finished, each after the runs it needs
+    assert sorted(scripts) == ["align.py", "baselines.py", "finetune.py", "pretrain.py"]
+    assert scripts.index("pretrain.py") < scripts.index("align.py") and scripts[-1] == "finetune.py"
+    assert all(x["threads"] == 1 for x in lines)  # ENV's OMP_NUM_THREADS, what each run was given
     for x in per_run:
         metrics = json.loads((tmp_path / "runs" / "synthetic" / x["run"]).with_suffix(".json").read_text())
         assert x["epochs"] == len(metrics["epochs"]) == (0 if x["script"] == "finetune.py" else 1)  # the gate fit trains no epoch
         assert x["value"] >= 1 and x["unit"] == "s" and x["dataset"] == "synthetic"
     assert whole["figure"] == "pipeline" and whole["value"] >= sum(x["value"] for x in per_run)
+
+
+
+def test_gpu_pipeline_script_runs_its_steps_on_a_cpu(tmp_path):
+    """benchmarks/gpu-pipeline.sh, the lent GPU's command, on a CPU at a tiny scale: it makes the
+    synthetic MIND and times the recipe's four runs through pipeline.py into OUT; it names a
+    dataset it cannot run and why."""
+    env = {**ENV, "DEVICE": "cpu", "COMPILE": "", "SCALE": "0.0005", "MODEL": "--d 16 --n-blocks 1",
+           "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", "benchmarks/gpu-pipeline.sh", "mind"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "out" / "pipeline-mind.jsonl").read_text().splitlines()]
+    assert [x["figure"] for x in lines] == ["run"] * 4 + ["pipeline"]
+    assert all(x["dataset"] == "synthetic-mind" and x["device"] == "cpu" for x in lines)
+    assert all(x["epochs"] == 1 for x in lines[:4] if x["script"] != "finetune.py")  # one epoch a run
+    assert "mind: exit 0" in (tmp_path / "out" / "pipeline-mind.log").read_text()
+    bare = tmp_path / "clone" / "benchmarks"  # a checkout with no prepared data
+    bare.mkdir(parents=True)
+    (bare / "gpu-pipeline.sh").write_text((ROOT / "benchmarks" / "gpu-pipeline.sh").read_text())
+    for name, code, says in (("pantry", 1, "data/pantry/dataset.pt: missing"),
+                             ("movies", 2, "movies: not a dataset of this script")):
+        r = subprocess.run(["bash", str(bare / "gpu-pipeline.sh"), name], capture_output=True, text=True, timeout=60,
+                           env=env)
+        assert r.returncode == code and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
