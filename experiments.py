@@ -88,6 +88,8 @@ PHASE3 = {
     "text path + bucket bias": ("", [], {"bucket_bias": True}),
     "text path + text-kNN expert + bucket bias": ("", [], {"experts": "id,align,llm,text", "bucket_bias": True}),
     "the recipe, gate fit over 20 passes (default 5)": ("gf20", ["--gate-fit-epochs", "20"], {"experts": "id,align,llm,text"}),
+    "the recipe, the experts' distributions mixed (--mix prob)": ("", [], {"experts": "id,align,llm,text", "mix": "prob"}),
+    "text path, the experts' distributions mixed (--mix prob)": ("", [], {"mix": "prob"}),
     "phase 3 trained (Alg. 1), gate refit on valid": ("", [], {"gate_fit": "valid"}),
     "phase 3, experts at lr 1e-4, gate refit on valid": ("elr1e-4", EXPERT_LR, {"gate_fit": "valid"}),
     "phase 3, each expert's own loss too (--aux-weight 1), gate refit on valid": ("aux1", AUX, {"gate_fit": "valid"}),
@@ -193,16 +195,16 @@ class Plan:
                          backbone=backbone, kernel=kernel, anchor=anchor, gamma=gamma, loss=loss, text=text)
 
     def finetune(self, seed, align=None, experts="id,align,llm", gate=None, backbone="sasrec", loss="bce", text=None,
-                 llm_init=False, gate_fit="train", bucket_bias=False):
+                 llm_init=False, gate_fit="train", bucket_bias=False, mix="logit"):
         """llm_init: the LLM expert starts from the MoRec run of the same loss and text flags;
         gate_fit valid: the gate is refit on the validation split after training, valid-only: the
         experts are not trained and the gate is fit on the validation split (finetune.py --gate-fit);
-        bucket_bias: finetune.py --bucket-bias."""
+        bucket_bias: finetune.py --bucket-bias; mix: finetune.py --mix."""
         align, gate = align or self.pad_align, gate or self.gate
         p1 = self.pretrain(seed, backbone, loss)
         cmd = ["finetune.py", "--backbone", backbone, "--pretrain", str(p1.out), "--experts", experts, "--gate", gate,
                "--loss", loss, *text_flags(text), *(["--gate-fit", gate_fit] if gate_fit != "train" else []),
-               *(["--bucket-bias"] if bucket_bias else [])]
+               *(["--bucket-bias"] if bucket_bias else []), *(["--mix", mix] if mix != "logit" else [])]
         deps, tag = [p1], ""
         if "align" in experts.split(","):
             p2 = self.align(seed, *align, backbone=backbone, loss=loss, text=text)
@@ -210,7 +212,8 @@ class Plan:
         if llm_init:
             morec = self.baseline(seed, "morec", backbone, loss, text)
             cmd, deps = cmd + ["--llm-init", str(morec.out)], deps + [morec]
-        return self._run("finetune", cmd, seed, deps, backbone=backbone, gate=gate + "-bias" * bucket_bias + GATE_FITS[gate_fit],
+        gate = gate + "-bias" * bucket_bias + "-prob" * (mix == "prob") + GATE_FITS[gate_fit]  # as finetune.py names it
+        return self._run("finetune", cmd, seed, deps, backbone=backbone, gate=gate,
                          experts=experts.split(","), align=tag, llm_init=llm_init, loss=loss, text=text)
 
     def baseline(self, seed, method, backbone="sasrec", loss="bce", text=None):

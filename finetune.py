@@ -16,7 +16,7 @@ import torch
 from dataset import split_sequences
 from evaluate import protocol
 from gate_fit import cross_fit_gate
-from models import ALL_EXPERTS, BACKBONES, EXPERTS, GATE_INITS, GATES, build_model
+from models import ALL_EXPERTS, BACKBONES, EXPERTS, GATE_INITS, GATES, MIXES, build_model
 from runs import GATE_FITS, TEXT_FLAGS, model_from_checkpoint, phase3_inputs, reuse_finished, run_path, text_of
 from trainer import (K, add_text_args, add_training_args, finish, fit, is_main_process, parse_args, parser, rec_loss,
                      setup)
@@ -59,12 +59,17 @@ def flags():
     beyond.add_argument("--expert-lr", type=float, default=None, help="the experts' learning rate (default --lr)")
     beyond.add_argument("--aux-weight", type=float, default=0.0, help="weight of each expert's own L_REC")
     beyond.add_argument("--bucket-bias", action="store_true", help="one learned offset per bucket added to Phi")
+    beyond.add_argument("--mix", default="logit", choices=MIXES,
+                        help="logit: Eq. (11), the gate mixes the experts' logits; prob: their softmax distributions "
+                             "over all items (models.PAD.mix_probabilities; needs --loss ce)")
     args = parse_args(p, "finetune")
     if args.llm_init and "llm" not in args.experts:
         raise SystemExit(f"--llm-init {args.llm_init}: seeds the LLM expert, which --experts {','.join(args.experts)} leaves out")
     if args.gate_fit == "valid-only" and "llm" in args.experts and not args.llm_init:
         raise SystemExit("--gate-fit valid-only trains no expert, so the LLM expert would stay random: pass --llm-init "
                          "MOREC.pt (a baselines.py --method morec run), or leave llm out of --experts")
+    if args.mix == "prob" and (args.loss != "ce" or args.ce_chunk):
+        raise SystemExit("--mix prob mixes distributions over all items: it needs --loss ce without --ce-chunk")
     if args.gate_fit != "train" and args.gate_fit_folds < 2:
         raise SystemExit(f"--gate-fit-folds {args.gate_fit_folds}: the cross-fitted validation score needs at least 2 folds")
     return args
@@ -87,7 +92,7 @@ def pad_config(args, ckpts):
     """The phase-3 model's model_args: phase 1's encoder, the experts and gate of the flags, the
     text flags both text experts share."""
     model_args = {**ckpts["id"]["model_args"], "kind": "pad", "experts": list(args.experts), "gate": args.gate,
-                  "gate_init": args.gate_init, "bucket_bias": args.bucket_bias}
+                  "gate_init": args.gate_init, "bucket_bias": args.bucket_bias, "mix": args.mix}
     model_args["fuse_dropout"] = ckpts["align"]["model_args"]["fuse_dropout"] if "align" in ckpts else 0.0
     model_args.update({key: getattr(args, key) for _, key, _ in TEXT_FLAGS})
     model_args.pop("expert")
@@ -112,7 +117,7 @@ def main():
     args = flags()
     data, device = setup(args)
     paths, ckpts, align = phase3_inputs(args, data)  # the runs the experts start from, checked
-    gate = args.gate + "-bias" * args.bucket_bias + GATE_FITS[args.gate_fit]  # e.g. finetune_sasrec_freq-validfit_...
+    gate = args.gate + "-bias" * args.bucket_bias + "-prob" * (args.mix == "prob") + GATE_FITS[args.gate_fit]  # e.g. freq-validfit
     out = args.out or run_path(data["name"], "finetune", backbone=args.backbone, gate=gate, experts=args.experts,
                                align=align, llm_init=bool(args.llm_init), seed=args.seed, loss=args.loss,
                                preset=args.preset, text=text_of(args))

@@ -25,6 +25,7 @@ ALL_EXPERTS = (*EXPERTS, "text")  # and the text-similarity expert, beyond the p
 GATES = ("freq", "bucket", "none")
 BLOCKS = ("ours", "authors")  # SASRec block variants (--sasrec-block)
 GATE_INITS = ("uniform", "ramp")  # --gate-init
+MIXES = ("logit", "prob")  # finetune.py --mix: Eq. (11) mixes logits; prob, beyond the paper, distributions
 TEXT_NORMS = ("none", "standard")  # --text-norm
 TEXT_OUTS = ("gelu", "linear")  # --text-out
 
@@ -459,14 +460,23 @@ class PAD(nn.Module):
 
     bucket_bias (finetune.py --bucket-bias, beyond the paper): Phi + beta[b(i)], one learned
     offset per frequency bucket, zero at the start: the log-prior of a bucket's items that
-    logit adjustment (Menon et al., 2021) adds by hand, here fit with the gate."""
+    logit adjustment (Menon et al., 2021) adds by hand, here fit with the gate.
 
-    def __init__(self, experts, gate, item_bucket, n_buckets, bucket_bias=False):
+    mix (finetune.py --mix, beyond the paper): "logit", Eq. (11), mixes the experts' logits (a
+    product of their distributions); "prob" mixes their distributions over the items instead,
+    Phi = log sum_k g_k p_k(i) with p_k = softmax of t_k o_k over items 1..N (mix_probabilities),
+    so that an item one expert is sure of ranks high though the others are not; t_k = exp(s_k),
+    one learned sharpness per expert (log_sharpness, zero at the start), fit with the gate."""
+
+    def __init__(self, experts, gate, item_bucket, n_buckets, bucket_bias=False, mix="logit"):
         super().__init__()
+        if mix not in MIXES:
+            raise ValueError(f"unknown mix {mix!r}; choose one of {', '.join(MIXES)} (--mix)")
         self.experts = nn.ModuleDict(experts)  # name -> Expert, in order id, align, llm
-        self.gate, self.n_buckets, self.n_items = gate, n_buckets, len(item_bucket) - 1
+        self.gate, self.n_buckets, self.n_items, self.mix = gate, n_buckets, len(item_bucket) - 1, mix
         self.register_buffer("bucket", item_bucket, persistent=False)  # (N+1,) b(i)
         self.bias = nn.Parameter(torch.zeros(n_buckets + 1)) if bucket_bias else None  # DEVIATION: beta per bucket
+        self.log_sharpness = nn.Parameter(torch.zeros(len(experts))) if mix == "prob" else None  # --mix prob: s_k
 
     def states(self, seq):
         return [expert(seq) for expert in self.experts.values()]  # K x (B, L, d)
@@ -481,6 +491,8 @@ class PAD(nn.Module):
         and looked up per item, so memory is O(B x T) instead of O(B x T x K); vectorised exp and
         division then round differently in the last bit."""
         beta = 0.0 if self.bias is None else self.bias[bucket]  # --bucket-bias: + beta[b(i)]
+        if self.mix == "prob":
+            return self.mix_probabilities(o, h, bucket, per_bucket) + beta
         if not per_bucket:
             g = self.gate(bucket, h)  # (B, T, K)
             return (g * torch.stack(o, -1)).sum(-1) + beta
@@ -488,7 +500,33 @@ class PAD(nn.Module):
         g = self.gate(buckets, h)  # (B, B_b+1, K)
         return sum(g[..., k].gather(-1, bucket) * o_k for k, o_k in enumerate(o)) + beta
 
+    def mix_probabilities(self, o, h, bucket, per_bucket=False):
+        """--mix prob (beyond the paper): log sum_k g_k(b(i), h_k) p_k(i), with p_k the softmax of
+        expert k's logits o_k, times its sharpness exp(s_k), over the items 1..N (column 0, padding,
+        left out). o must hold every item's logit, columns 0..N; the sum runs in log space
+        (logaddexp) over the experts."""
+        if o[0].shape[-1] != self.n_items + 1:
+            raise ValueError("--mix prob mixes distributions over all items: it needs every item's logit "
+                             "(--loss ce, without --ce-chunk)")
+        padding = torch.arange(self.n_items + 1, device=bucket.device) == 0
+        sharp = self.log_sharpness.exp()
+        log_p = [torch.log_softmax((o_k.float() * sharp[k]).masked_fill(padding, -1e9), -1)
+                 for k, o_k in enumerate(o)]  # K x (..., N+1)
+        if per_bucket:  # g per bucket (B, B_b+1, K), looked up per item
+            buckets = torch.arange(self.n_buckets + 1, device=bucket.device).expand(*bucket.shape[:-1], -1)
+            g = self.gate(buckets, h)
+            log_g = [g[..., k].clamp_min(1e-30).log().gather(-1, bucket) for k in range(len(o))]
+        else:
+            g = self.gate(bucket, h)  # (..., N+1, K)
+            log_g = [g[..., k].clamp_min(1e-30).log() for k in range(len(o))]
+        mixed = log_g[0] + log_p[0]
+        for lg, lp in zip(log_g[1:], log_p[1:]):
+            mixed = torch.logaddexp(mixed, lg + lp)
+        return mixed
+
     def bce_logits(self, seq, pos, neg):
+        if self.mix == "prob":
+            raise ValueError("--mix prob needs every item's logit: train it with --loss ce")
         h = self.states(seq)  # K x (B, L, d)
         logits = []
         for items in (pos, neg):  # (B, L) targets: Phi of each, positive first
@@ -631,6 +669,7 @@ def build_model(model_args, data):
     widths = [text_emb.shape[1] if k == "text" else model_args["d"] for k in experts]  # each expert's state width
     gate = make_gate(model_args["gate"], data["n_buckets"], widths if "text" in experts else model_args["d"], experts,
                      model_args.get("gate_init", "uniform"))
-    return PAD(experts, gate, data["item_bucket"], data["n_buckets"], model_args.get("bucket_bias", False))
+    return PAD(experts, gate, data["item_bucket"], data["n_buckets"], model_args.get("bucket_bias", False),
+               model_args.get("mix", "logit"))
 
 

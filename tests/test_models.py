@@ -235,6 +235,34 @@ def test_pad_full_scores_equal_loop_of_eq11(gate_kind, bucket_bias):
 
 
 @pytest.mark.parametrize("gate_kind", GATES)
+def test_mix_prob_is_the_log_of_the_gated_mixture_of_the_experts_distributions(gate_kind):
+    """--mix prob: Phi(u, i) = log sum_k g_k(b(i), h_k) p_k(u, i), p_k(u, .) the softmax of
+    exp(s_k) o_k(u, .) over the items 1..N, by loop in float64 (+ beta[b(i)]); per bucket, at every position
+    (all_logits) and in the gate fit's fuse alike; BCE, which scores a few items, is refused."""
+    pad = make_pad(EXPERTS, gate_kind, seed=3, bucket_bias=True)
+    pad.mix, pad.log_sharpness = "prob", torch.nn.Parameter(torch.tensor([0.3, -0.5, 0.1]))
+    seq = sequences(B=3)
+    with torch.no_grad():
+        scores, per_bucket = pad.full_scores(seq), pad.full_scores(seq, per_bucket=True)
+        every = pad.all_logits(seq)  # (B, L, N+1)
+        h = [e(seq)[:, -1] for e in pad.experts.values()]
+        tables = [e.items(torch.arange(N + 1)) for e in pad.experts.values()]
+    for u in range(len(seq)):
+        o = [(tables[k][1:] @ h[k][u]).double() * math.exp(t) for k, t in enumerate((0.3, -0.5, 0.1))]  # K x (N,)
+        p = [o_k.exp() / o_k.exp().sum() for o_k in o]
+        for i in range(1, N + 1):
+            with torch.no_grad():
+                g = loop_gate(pad.gate, gate_kind, int(pad.bucket[i]), [h_k[u] for h_k in h])
+            ref = math.log(sum(g[k] * float(p[k][i - 1]) for k in range(len(EXPERTS)))) + pad.bias.detach()[pad.bucket[i]].item()
+            assert scores[u, i].item() == pytest.approx(ref, abs=1e-4)
+    assert torch.allclose(per_bucket[:, 1:], scores[:, 1:], atol=1e-5)
+    assert torch.allclose(every[:, -1, 1:], scores[:, 1:], atol=1e-5)
+    assert (scores[:, 0] < -1e8).all()  # the padding item is out of every distribution
+    with pytest.raises(ValueError, match="--loss ce"):
+        pad.bce_logits(seq, seq, seq)
+
+
+@pytest.mark.parametrize("gate_kind", GATES)
 @pytest.mark.parametrize("dropped", EXPERTS)
 def test_removing_an_expert_removes_its_contribution(dropped, gate_kind):
     """The same experts and gate parameters without expert j: every gate renormalises over the

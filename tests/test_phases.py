@@ -661,6 +661,26 @@ def test_expert_lr_aux_weight_and_bucket_bias(work, dataset, phase1, phase2):
     assert "bias" in learnt and all(v.abs().sum() > 0 for v in learnt.values())  # both start at zeros
 
 
+def test_mix_prob_gate_fit_and_its_refusals(work, dataset):
+    """finetune.py --mix prob (the experts' distributions mixed): refused with BCE or chunked CE,
+    in one line; with CE and the gate fit on validation it runs and stores the mix, and
+    evaluate.py ranks the checkpoint as the run did."""
+    p1, p2 = work / "mix_phase1.pt", work / "mix_phase2.pt"
+    run("pretrain.py", "--data", dataset, "--loss", "ce", *MODEL, *TRAIN, "--out", p1)
+    run("align.py", "--data", dataset, "--loss", "ce", "--init", p1, *TRAIN, "--out", p2)
+    common = ["--data", dataset, "--pretrain", p1, "--align", p2, "--experts", "id,align,text", "--mix", "prob",
+              "--gate-fit", "valid-only", "--gate-fit-epochs", "2", "--eval-batch-size", "7"]
+    refused(run("finetune.py", *common, "--out", work / "unused.pt", ok=False), "--mix prob", "--loss ce")
+    refused(run("finetune.py", *common, "--loss", "ce", "--ce-chunk", "16", "--out", work / "unused.pt", ok=False),
+            "--mix prob", "--ce-chunk")
+    path = work / "mix_prob.pt"
+    run("finetune.py", *common, "--loss", "ce", "--out", path)
+    ckpt, metrics = load(path), json.loads(path.with_suffix(".json").read_text())
+    assert ckpt["model_args"]["mix"] == "prob" and metrics["best_epoch"] == 0
+    assert ckpt["state"]["log_sharpness"].abs().min() > 0  # each expert's sharpness fit with the gate, from 0
+    assert evaluate_cli("--ckpt", path)["nDCG@10"] == pytest.approx(metrics["test"]["nDCG@10"], abs=1e-4)
+
+
 def test_gate_fit_valid_only_trains_the_gate_alone(work, dataset, phase1, phase2):
     """--gate-fit valid-only: no epoch on the training data; every expert tensor is the one
     its phase-1 / phase-2 run holds, bit for bit, and every gate tensor moved from its
