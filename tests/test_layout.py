@@ -90,10 +90,11 @@ def test_no_phase_script_holds_a_training_loop():
 def test_speed_machinery_enters_the_trainer_at_three_points():
     """--precision, --fast-dropout and --compile live in speed.py; trainer.fit calls its
     optimizer, compile_loss and step_context (add_speed_args adds the flags; checkpoint_replay
-    redoes a chunk of the CE under the same dropout mode)."""
+    redoes a chunk of the CE under the same dropout mode; setup calls reuse_freed_memory on a CPU)."""
     tree = ast.parse((ROOT / "trainer.py").read_text())
     from_speed = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "speed" for a in n.names}
-    assert from_speed == {"add_speed_args", "checkpoint_replay", "compile_loss", "optimizer", "step_context"}
+    assert from_speed == {"add_speed_args", "checkpoint_replay", "compile_loss", "optimizer", "reuse_freed_memory",
+                          "step_context"}
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     assert not names & {"autocast", "compile", "TorchFunctionMode"}, "speed machinery in trainer.py"
 
@@ -123,8 +124,9 @@ def test_no_import_cycle():
 
 
 def test_eq11_fusion_is_defined_once():
-    """Only models.PAD.fuse multiplies gate probabilities into expert logits; everything
-    else (training logits, full ranking, serving) calls it."""
+    """Only models.PAD.fuse multiplies gate probabilities into expert logits (or, --mix prob,
+    into their distributions: mix_probabilities, which only fuse calls); everything else
+    (training logits, full ranking, serving) calls fuse."""
     sources = {p.name: p.read_text() for p in ROOT.glob("*.py")}
     callers = [name for name, src in sources.items() if "self.gate(" in src or ".gate(" in src.replace("self.gate(", "")]
     assert callers == ["models.py"]
@@ -132,4 +134,7 @@ def test_eq11_fusion_is_defined_once():
     pad = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "PAD")
     gate_calls = {f.name for f in pad.body if isinstance(f, ast.FunctionDef)
                   for node in ast.walk(f) if isinstance(node, ast.Call) and ast.unparse(node.func) == "self.gate"}
-    assert gate_calls == {"fuse", "gate_per_bucket"}  # gate_per_bucket reports g, it fuses nothing
+    assert gate_calls == {"fuse", "mix_probabilities", "gate_per_bucket"}  # gate_per_bucket reports g, it fuses nothing
+    mixers = {f.name for f in pad.body if isinstance(f, ast.FunctionDef)
+              for node in ast.walk(f) if isinstance(node, ast.Call) and ast.unparse(node.func) == "self.mix_probabilities"}
+    assert mixers == {"fuse"}
