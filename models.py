@@ -491,7 +491,7 @@ class PAD(nn.Module):
         and looked up per item, so memory is O(B x T) instead of O(B x T x K); vectorised exp and
         division then round differently in the last bit."""
         beta = 0.0 if self.bias is None else self.bias[bucket]  # --bucket-bias: + beta[b(i)]
-        if self.mix == "prob":
+        if self.mix == "prob":  # DEVIATION (--mix prob, beyond the paper): the experts' distributions mixed
             return self.mix_probabilities(o, h, bucket, per_bucket) + beta
         if not per_bucket:
             g = self.gate(bucket, h)  # (B, T, K)

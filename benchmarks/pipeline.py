@@ -82,5 +82,6 @@ def main():
     print(json.dumps({"figure": "pipeline", "label": args.label, "value": round(time.time() - t0, 1), "unit": "s",
                       **base}))
 
+
 if __name__ == "__main__":
     main()
