@@ -32,8 +32,9 @@ run), EXP.json (the rows and the summary), EXP.md (the table) and EXP.png (the f
   screen  beyond the paper: the text-path screen's six PAD variants ranked by validation, test
           for the chosen one only
   phase3  beyond the paper: phase-3 variants on the text path's expert runs (the text-kNN expert,
-          --bucket-bias, the gate fit's passes, joint training with --expert-lr / --aux-weight and
-          the gate refit on validation), ranked by validation, test and gate shares beside it
+          --bucket-bias, --bucket-temp, --mix prob, --gate bucket, the gate fit's passes, joint
+          training with --expert-lr / --aux-weight and the gate refit on validation), ranked
+          by validation, test and gate shares beside it
 --extra passes flags to every training run (e.g. --extra "--epochs 2" for a smoke test),
 --model-flags to the runs that build a model from scratch; --dry-run lists the commands
 still to run.
@@ -90,6 +91,11 @@ PHASE3 = {
     "the recipe, gate fit over 20 passes (default 5)": ("gf20", ["--gate-fit-epochs", "20"], {"experts": "id,align,llm,text"}),
     "the recipe, the experts' distributions mixed (--mix prob)": ("", [], {"experts": "id,align,llm,text", "mix": "prob"}),
     "text path, the experts' distributions mixed (--mix prob)": ("", [], {"mix": "prob"}),
+    "the recipe + a temperature per bucket (--bucket-temp)": ("", [], {"experts": "id,align,llm,text", "bucket_temp": True}),
+    "the recipe + a temperature and an offset per bucket": (
+        "", [], {"experts": "id,align,llm,text", "bucket_temp": True, "bucket_bias": True}),
+    "the recipe with a weight per bucket and expert, no expert state (--gate bucket)": (
+        "", [], {"experts": "id,align,llm,text", "gate": "bucket"}),
     "phase 3 trained (Alg. 1), gate refit on valid": ("", [], {"gate_fit": "valid"}),
     "phase 3, experts at lr 1e-4, gate refit on valid": ("elr1e-4", EXPERT_LR, {"gate_fit": "valid"}),
     "phase 3, each expert's own loss too (--aux-weight 1), gate refit on valid": ("aux1", AUX, {"gate_fit": "valid"}),
@@ -195,16 +201,17 @@ class Plan:
                          backbone=backbone, kernel=kernel, anchor=anchor, gamma=gamma, loss=loss, text=text)
 
     def finetune(self, seed, align=None, experts="id,align,llm", gate=None, backbone="sasrec", loss="bce", text=None,
-                 llm_init=False, gate_fit="train", bucket_bias=False, mix="logit"):
+                 llm_init=False, gate_fit="train", bucket_bias=False, mix="logit", bucket_temp=False):
         """llm_init: the LLM expert starts from the MoRec run of the same loss and text flags;
         gate_fit valid: the gate is refit on the validation split after training, valid-only: the
         experts are not trained and the gate is fit on the validation split (finetune.py --gate-fit);
-        bucket_bias: finetune.py --bucket-bias; mix: finetune.py --mix."""
+        bucket_bias, bucket_temp, mix: finetune.py --bucket-bias, --bucket-temp, --mix."""
         align, gate = align or self.pad_align, gate or self.gate
         p1 = self.pretrain(seed, backbone, loss)
         cmd = ["finetune.py", "--backbone", backbone, "--pretrain", str(p1.out), "--experts", experts, "--gate", gate,
                "--loss", loss, *text_flags(text), *(["--gate-fit", gate_fit] if gate_fit != "train" else []),
-               *(["--bucket-bias"] if bucket_bias else []), *(["--mix", mix] if mix != "logit" else [])]
+               *(["--bucket-bias"] if bucket_bias else []), *(["--bucket-temp"] if bucket_temp else []),
+               *(["--mix", mix] if mix != "logit" else [])]
         deps, tag = [p1], ""
         if "align" in experts.split(","):
             p2 = self.align(seed, *align, backbone=backbone, loss=loss, text=text)
@@ -212,7 +219,7 @@ class Plan:
         if llm_init:
             morec = self.baseline(seed, "morec", backbone, loss, text)
             cmd, deps = cmd + ["--llm-init", str(morec.out)], deps + [morec]
-        gate = gate + "-bias" * bucket_bias + "-prob" * (mix == "prob") + GATE_FITS[gate_fit]  # as finetune.py names it
+        gate = gate + "-bias" * bucket_bias + "-temp" * bucket_temp + "-prob" * (mix == "prob") + GATE_FITS[gate_fit]  # as finetune.py names it
         return self._run("finetune", cmd, seed, deps, backbone=backbone, gate=gate,
                          experts=experts.split(","), align=tag, llm_init=llm_init, loss=loss, text=text)
 

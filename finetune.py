@@ -59,6 +59,7 @@ def flags():
     beyond.add_argument("--expert-lr", type=float, default=None, help="the experts' learning rate (default --lr)")
     beyond.add_argument("--aux-weight", type=float, default=0.0, help="weight of each expert's own L_REC")
     beyond.add_argument("--bucket-bias", action="store_true", help="one learned offset per bucket added to Phi")
+    beyond.add_argument("--bucket-temp", action="store_true", help="one learned temperature per bucket multiplying Phi")
     beyond.add_argument("--mix", default="logit", choices=MIXES,
                         help="logit: Eq. (11), the gate mixes the experts' logits; prob: their softmax distributions "
                              "over all items (models.PAD.mix_probabilities; needs --loss ce)")
@@ -92,7 +93,8 @@ def pad_config(args, ckpts):
     """The phase-3 model's model_args: phase 1's encoder, the experts and gate of the flags, the
     text flags both text experts share."""
     model_args = {**ckpts["id"]["model_args"], "kind": "pad", "experts": list(args.experts), "gate": args.gate,
-                  "gate_init": args.gate_init, "bucket_bias": args.bucket_bias, "mix": args.mix}
+                  "gate_init": args.gate_init, "bucket_bias": args.bucket_bias, "mix": args.mix,
+                  "bucket_temp": args.bucket_temp}
     model_args["fuse_dropout"] = ckpts["align"]["model_args"]["fuse_dropout"] if "align" in ckpts else 0.0
     model_args.update({key: getattr(args, key) for _, key, _ in TEXT_FLAGS})
     model_args.pop("expert")
@@ -117,7 +119,8 @@ def main():
     args = flags()
     data, device = setup(args)
     paths, ckpts, align = phase3_inputs(args, data)  # the runs the experts start from, checked
-    gate = args.gate + "-bias" * args.bucket_bias + "-prob" * (args.mix == "prob") + GATE_FITS[args.gate_fit]  # e.g. freq-validfit
+    gate = (args.gate + "-bias" * args.bucket_bias + "-temp" * args.bucket_temp + "-prob" * (args.mix == "prob")
+            + GATE_FITS[args.gate_fit])  # e.g. freq-validfit
     out = args.out or run_path(data["name"], "finetune", backbone=args.backbone, gate=gate, experts=args.experts,
                                align=align, llm_init=bool(args.llm_init), seed=args.seed, loss=args.loss,
                                preset=args.preset, text=text_of(args))

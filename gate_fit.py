@@ -17,9 +17,10 @@ from trainer import bce_loss, ce_loss, sample_negatives
 
 
 def gate_params(model):
-    """What --gate-fit fits: the gate, the --bucket-bias offsets, --mix prob's sharpness per expert
-    and the text expert's scale (its only parameter)."""
+    """What --gate-fit fits: the gate, the --bucket-bias offsets, the --bucket-temp temperatures,
+    --mix prob's sharpness per expert and the text expert's scale (its only parameter)."""
     return [*model.gate.parameters(), *([model.bias] if model.bias is not None else []),
+            *([model.log_temp] if model.log_temp is not None else []),
             *([model.log_sharpness] if model.log_sharpness is not None else []),
             *(model.experts["text"].parameters() if "text" in model.experts else [])]
 

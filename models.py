@@ -466,9 +466,15 @@ class PAD(nn.Module):
     product of their distributions); "prob" mixes their distributions over the items instead,
     Phi = log sum_k g_k p_k(i) with p_k = softmax of t_k o_k over items 1..N (mix_probabilities),
     so that an item one expert is sure of ranks high though the others are not; t_k = exp(s_k),
-    one learned sharpness per expert (log_sharpness, zero at the start), fit with the gate."""
+    one learned sharpness per expert (log_sharpness, zero at the start), fit with the gate.
 
-    def __init__(self, experts, gate, item_bucket, n_buckets, bucket_bias=False, mix="logit"):
+    bucket_temp (finetune.py --bucket-temp, beyond the paper): t[b(i)] * Phi, one learned
+    temperature per frequency bucket, t = exp(tau) with tau zero at the start: the gate's weights
+    sum to one, so without it every bucket's scores keep the experts' spread; with it a bucket's
+    scores can be sharpened or flattened against the others' (with --bucket-bias: an affine map
+    per bucket), e.g. cold items ranked by text similarity on a wider scale."""
+
+    def __init__(self, experts, gate, item_bucket, n_buckets, bucket_bias=False, mix="logit", bucket_temp=False):
         super().__init__()
         if mix not in MIXES:
             raise ValueError(f"unknown mix {mix!r}; choose one of {', '.join(MIXES)} (--mix)")
@@ -477,6 +483,7 @@ class PAD(nn.Module):
         self.register_buffer("bucket", item_bucket, persistent=False)  # (N+1,) b(i)
         self.bias = nn.Parameter(torch.zeros(n_buckets + 1)) if bucket_bias else None  # DEVIATION: beta per bucket
         self.log_sharpness = nn.Parameter(torch.zeros(len(experts))) if mix == "prob" else None  # --mix prob: s_k
+        self.log_temp = nn.Parameter(torch.zeros(n_buckets + 1)) if bucket_temp else None  # DEVIATION: tau per bucket
 
     def states(self, seq):
         return [expert(seq) for expert in self.experts.values()]  # K x (B, L, d)
@@ -491,14 +498,15 @@ class PAD(nn.Module):
         and looked up per item, so memory is O(B x T) instead of O(B x T x K); vectorised exp and
         division then round differently in the last bit."""
         beta = 0.0 if self.bias is None else self.bias[bucket]  # --bucket-bias: + beta[b(i)]
+        temp = 1.0 if self.log_temp is None else self.log_temp[bucket].exp()  # --bucket-temp: t[b(i)] * Phi
         if self.mix == "prob":  # DEVIATION (--mix prob, beyond the paper): the experts' distributions mixed
-            return self.mix_probabilities(o, h, bucket, per_bucket) + beta
+            return temp * self.mix_probabilities(o, h, bucket, per_bucket) + beta
         if not per_bucket:
             g = self.gate(bucket, h)  # (B, T, K)
-            return (g * torch.stack(o, -1)).sum(-1) + beta
+            return temp * (g * torch.stack(o, -1)).sum(-1) + beta
         buckets = torch.arange(self.n_buckets + 1, device=bucket.device).expand(*bucket.shape[:-1], -1)  # (B, B_b+1)
         g = self.gate(buckets, h)  # (B, B_b+1, K)
-        return sum(g[..., k].gather(-1, bucket) * o_k for k, o_k in enumerate(o)) + beta
+        return temp * sum(g[..., k].gather(-1, bucket) * o_k for k, o_k in enumerate(o)) + beta
 
     def mix_probabilities(self, o, h, bucket, per_bucket=False):
         """--mix prob (beyond the paper): log sum_k g_k(b(i), h_k) p_k(i), with p_k the softmax of
@@ -670,6 +678,6 @@ def build_model(model_args, data):
     gate = make_gate(model_args["gate"], data["n_buckets"], widths if "text" in experts else model_args["d"], experts,
                      model_args.get("gate_init", "uniform"))
     return PAD(experts, gate, data["item_bucket"], data["n_buckets"], model_args.get("bucket_bias", False),
-               model_args.get("mix", "logit"))
+               model_args.get("mix", "logit"), model_args.get("bucket_temp", False))
 
 

@@ -188,6 +188,8 @@ def test_phase3_ranks_by_validation_and_runs_each_variants_flags(all_experiments
         assert args["expert_lr"] == (1e-4 if "--expert-lr" in flags else None)
         assert args["aux_weight"] == (1.0 if "--aux-weight" in flags else 0.0)
         assert args["bucket_bias"] == settings.get("bucket_bias", False)
+        assert args["bucket_temp"] == settings.get("bucket_temp", False)
+        assert args["gate"] == settings.get("gate", "freq")
         assert args["mix"] == settings.get("mix", "logit")
         assert args["gate_fit_epochs"] == (20 if "--gate-fit-epochs" in flags else 5)
         assert args["gate_fit"] == settings.get("gate_fit", "valid-only")

@@ -169,9 +169,10 @@ def loop_gate(gate, kind, bucket, h):
     return [v / sum(e) for v in e]
 
 
-def loop_pad_scores(experts, gate, kind, bucket, seq, bias=None):
-    """Phi(u, i) = sum_k g_k(b(i), h_k) o_k(u, i) (+ beta[b(i)] with --bucket-bias) for every
-    user u and item i, one at a time."""
+def loop_pad_scores(experts, gate, kind, bucket, seq, bias=None, log_temp=None):
+    """Phi(u, i) = t[b(i)] sum_k g_k(b(i), h_k) o_k(u, i) (+ beta[b(i)] with --bucket-bias;
+    t = exp(tau), tau = log_temp, with --bucket-temp, else t = 1) for every user u and item i,
+    one at a time."""
     with torch.no_grad():
         h = [e(seq)[:, -1] for e in experts]  # K x (B, d)
         tables = [e.items(torch.arange(N + 1)) for e in experts]  # K x (N+1, d)
@@ -181,19 +182,21 @@ def loop_pad_scores(experts, gate, kind, bucket, seq, bias=None):
             for i in range(N + 1):
                 hu = [h_k[u] for h_k in h]
                 g = loop_gate(gate, kind, int(bucket[i]), hu)
-                out[u, i] = sum(g[k] * float(torch.dot(hu[k], tables[k][i])) for k in range(len(experts)))
+                t = 1.0 if log_temp is None else math.exp(float(log_temp[int(bucket[i])]))
+                out[u, i] = t * sum(g[k] * float(torch.dot(hu[k], tables[k][i])) for k in range(len(experts)))
                 out[u, i] += 0.0 if bias is None else float(bias[int(bucket[i])])
     return out
 
 
-def make_pad(names, gate_kind, seed=0, backbone="sasrec", bucket_bias=False):
+def make_pad(names, gate_kind, seed=0, backbone="sasrec", bucket_bias=False, bucket_temp=False):
     experts = {k: expert(k, backbone, seed=seed + i) for i, k in enumerate(names)}
     widths = [D_TEXT if k == "text" else D for k in names]  # the text expert's state is d_text wide
     gate = randomise(make_gate(gate_kind, N_BUCKETS, widths if "text" in names else D, names), seed)
-    pad = PAD(experts, gate, item_bucket(), N_BUCKETS, bucket_bias).eval()
-    if bucket_bias:
-        with torch.no_grad():
-            pad.bias.normal_(generator=gen(seed + 100))
+    pad = PAD(experts, gate, item_bucket(), N_BUCKETS, bucket_bias, bucket_temp=bucket_temp).eval()
+    with torch.no_grad():
+        for w, s in ((pad.bias, 100), (pad.log_temp, 200)):
+            if w is not None:
+                w.normal_(generator=gen(seed + s))
     return pad
 
 
@@ -214,16 +217,17 @@ def test_gate_probabilities_positive_and_sum_to_one(gate_kind):
     assert (per_bucket > 0).all() and torch.allclose(per_bucket.sum(-1), torch.ones(N_BUCKETS))
 
 
-@pytest.mark.parametrize("bucket_bias", [False, True])
+@pytest.mark.parametrize("bucket_bias,bucket_temp", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("gate_kind", GATES)
-def test_pad_full_scores_equal_loop_of_eq11(gate_kind, bucket_bias):
-    """Eq. (11) by loop (with --bucket-bias: + beta[b(i)]), per item and per bucket."""
-    pad = make_pad(EXPERTS, gate_kind, bucket_bias=bucket_bias)
+def test_pad_full_scores_equal_loop_of_eq11(gate_kind, bucket_bias, bucket_temp):
+    """Eq. (11) by loop (with --bucket-bias: + beta[b(i)]; with --bucket-temp: times exp(tau[b(i)])),
+    per item and per bucket."""
+    pad = make_pad(EXPERTS, gate_kind, bucket_bias=bucket_bias, bucket_temp=bucket_temp)
     seq = sequences(B=3)
     with torch.no_grad():
         scores = pad.full_scores(seq)
         per_bucket = pad.full_scores(seq, per_bucket=True)
-    ref = loop_pad_scores(list(pad.experts.values()), pad.gate, gate_kind, pad.bucket, seq, pad.bias)
+    ref = loop_pad_scores(list(pad.experts.values()), pad.gate, gate_kind, pad.bucket, seq, pad.bias, pad.log_temp)
     assert scores.shape == (3, N + 1)
     assert torch.allclose(scores, ref, atol=1e-5) and torch.allclose(per_bucket, ref, atol=1e-5)
     # bce_logits goes through fuse() at every position: at the last one it is the same logit
@@ -395,7 +399,8 @@ def test_all_logits_are_the_bce_logits_of_every_item(kind, gate_kind):
     """--loss ce scores every item at every position: the same logit as bce_logits gives an
     item as the positive, for one expert and for PAD (Eq. 11 at every position)."""
     seq = sequences(B=3)
-    for model in (expert(kind, "sasrec").eval(), make_pad(EXPERTS, gate_kind), make_pad(EXPERTS, gate_kind, bucket_bias=True)):
+    for model in (expert(kind, "sasrec").eval(), make_pad(EXPERTS, gate_kind),
+                  make_pad(EXPERTS, gate_kind, bucket_bias=True, bucket_temp=True)):
         with torch.no_grad():
             every = model.all_logits(seq)  # (3, L, N+1)
             for j in (1, 5, N):
@@ -730,7 +735,7 @@ def test_gate_fit_bce_is_eq1_on_phi_of_eq11_by_loop(capsys):
 @pytest.mark.parametrize("gate_kind", GATES)
 def test_gate_fit_on_validation_never_reads_the_test_column(loss, gate_kind):
     """gate_fit.cross_fit_gate (--gate-fit valid, valid-only), with the text expert's scale and
-    the --bucket-bias offsets fit beside the gate: every user's test item replaced leaves the
+    the --bucket-bias offsets and --bucket-temp temperatures fit beside the gate: every user's test item replaced leaves the
     fitted parameters and the cross-fitted validation ranks bit for bit the same; the validation
     items replaced move them. Each fold's ranks are those of a gate fit on the other fold alone."""
     import copy
@@ -739,7 +744,7 @@ def test_gate_fit_on_validation_never_reads_the_test_column(loss, gate_kind):
     from evaluate import user_ranks
     from gate_fit import cross_fit_gate, fit_gate
 
-    pad = make_pad(("id", "llm", "text"), gate_kind, seed=2, bucket_bias=True)
+    pad = make_pad(("id", "llm", "text"), gate_kind, seed=2, bucket_bias=True, bucket_temp=True)
     g = gen(11)
     seqs = torch.stack([torch.randperm(N, generator=g)[:L + 3] + 1 for _ in range(12)])  # distinct items per user
     data = {"seqs": seqs, "n_items": N, "item_bucket": pad.bucket, "n_buckets": N_BUCKETS}
@@ -749,7 +754,7 @@ def test_gate_fit_on_validation_never_reads_the_test_column(loss, gate_kind):
     def fitted(seqs):
         model = copy.deepcopy(pad)
         ranks = cross_fit_gate(model, {**data, "seqs": seqs}, args)
-        return ranks, {k: v for k, v in model.state_dict().items() if k.startswith("gate.") or k == "bias" or "log_scale" in k}
+        return ranks, {k: v for k, v in model.state_dict().items() if k.startswith("gate.") or k in ("bias", "log_temp") or "log_scale" in k}
 
     ranks, params = fitted(seqs)
     assert all(not torch.equal(v, pad.state_dict()[k]) for k, v in params.items())  # the fit moved every one

@@ -640,16 +640,17 @@ def test_gate_fit_valid_refits_only_the_gate(work, dataset, phase1, phase2):
     assert load(refit)["args"]["gate_fit"] == "valid"
 
 
-def test_expert_lr_aux_weight_and_bucket_bias(work, dataset, phase1, phase2):
+def test_expert_lr_aux_weight_bucket_bias_and_temp(work, dataset, phase1, phase2):
     """Phase-3 flags beyond the paper: --expert-lr 0 keeps the ID and alignment experts their
-    phase-1 / phase-2 tensors bit for bit while the gate and the --bucket-bias offsets learn;
-    --aux-weight logs each expert's own loss."""
+    phase-1 / phase-2 tensors bit for bit while the gate, the --bucket-bias offsets and the
+    --bucket-temp temperatures learn; --aux-weight logs each expert's own loss; the checkpoint
+    carries the two bucket flags."""
     from dataset import load_dataset
     from runs import model_from_checkpoint, read_checkpoint
 
     r = run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", phase2[0], "--epochs", "1",
             "--batch-size", "16", "--eval-batch-size", "7", "--expert-lr", "0", "--aux-weight", "0.5", "--bucket-bias",
-            "--out", work / "finetune_expert_lr0.pt")
+            "--bucket-temp", "--out", work / "finetune_expert_lr0.pt")
     out = work / "finetune_expert_lr0.pt"
     assert re.search(r"^epoch +1 .*id-bce [0-9.]+ .*llm-bce [0-9.]+", r.stdout, re.M), r.stdout[-2000:]
     got, data = load(out), load_dataset(dataset)
@@ -657,8 +658,9 @@ def test_expert_lr_aux_weight_and_bucket_bias(work, dataset, phase1, phase2):
         seeded = model_from_checkpoint(read_checkpoint(path), data, path, phase=phase).state_dict()
         for key, value in seeded.items():
             assert torch.equal(got["state"][f"experts.{kind}.{key}"], value), (kind, key)
-    learnt = {k: v for k, v in got["state"].items() if k.startswith("gate.") or k == "bias"}
-    assert "bias" in learnt and all(v.abs().sum() > 0 for v in learnt.values())  # both start at zeros
+    learnt = {k: v for k, v in got["state"].items() if k.startswith("gate.") or k in ("bias", "log_temp")}
+    assert {"bias", "log_temp"} <= learnt.keys() and all(v.abs().sum() > 0 for v in learnt.values())  # all start at zeros
+    assert got["model_args"]["bucket_bias"] and got["model_args"]["bucket_temp"]
 
 
 def test_mix_prob_gate_fit_and_its_refusals(work, dataset):
