@@ -497,16 +497,20 @@ class PAD(nn.Module):
         per_bucket (serving, --loss ce): the gate g_k(b, h_k) is evaluated once per bucket b, (B, B_b+1, K),
         and looked up per item, so memory is O(B x T) instead of O(B x T x K); vectorised exp and
         division then round differently in the last bit."""
-        beta = 0.0 if self.bias is None else self.bias[bucket]  # --bucket-bias: + beta[b(i)]
-        temp = 1.0 if self.log_temp is None else self.log_temp[bucket].exp()  # --bucket-temp: t[b(i)] * Phi
         if self.mix == "prob":  # DEVIATION (--mix prob, beyond the paper): the experts' distributions mixed
-            return temp * self.mix_probabilities(o, h, bucket, per_bucket) + beta
-        if not per_bucket:
+            phi = self.mix_probabilities(o, h, bucket, per_bucket)
+        elif not per_bucket:
             g = self.gate(bucket, h)  # (B, T, K)
-            return temp * (g * torch.stack(o, -1)).sum(-1) + beta
-        buckets = torch.arange(self.n_buckets + 1, device=bucket.device).expand(*bucket.shape[:-1], -1)  # (B, B_b+1)
-        g = self.gate(buckets, h)  # (B, B_b+1, K)
-        return temp * sum(g[..., k].gather(-1, bucket) * o_k for k, o_k in enumerate(o)) + beta
+            phi = (g * torch.stack(o, -1)).sum(-1)
+        else:
+            buckets = torch.arange(self.n_buckets + 1, device=bucket.device).expand(*bucket.shape[:-1], -1)  # (B, B_b+1)
+            g = self.gate(buckets, h)  # (B, B_b+1, K)
+            phi = sum(g[..., k].gather(-1, bucket) * o_k for k, o_k in enumerate(o))
+        if self.log_temp is not None:  # --bucket-temp: t[b(i)] * Phi
+            phi = self.log_temp[bucket].exp() * phi
+        if self.bias is not None:  # --bucket-bias: + beta[b(i)]
+            phi = phi + self.bias[bucket]
+        return phi
 
     def mix_probabilities(self, o, h, bucket, per_bucket=False):
         """--mix prob (beyond the paper): log sum_k g_k(b(i), h_k) p_k(i), with p_k the softmax of
