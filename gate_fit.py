@@ -68,16 +68,22 @@ def fit_gate(model, data, args, users=None):
         inputs, targets, history = inputs[users], targets[users], history[users]
     keep = ~(history == targets[:, None]).any(1)
     inputs, targets, history = inputs[keep], targets[keep], history[keep]
+    fitted = {id(w) for w in params}
+    frozen = [not any(id(w) in fitted for w in e.parameters()) for e in model.experts.values()]
     with torch.no_grad():
         tables = model.item_tables()  # K x (N+1, d), frozen (the text expert's scale sits in its states)
+        # the frozen experts' states after each user's window, computed once: a user's state does not
+        # depend on the other users of its batch (the same bits), and every pass reads them
+        last = [torch.cat([e(inputs[i:i + batch_size].to(device))[:, -1] for i in range(0, len(inputs), batch_size)])
+                if f else None for e, f in zip(model.experts.values(), frozen)]  # K x (U, d) or None
     gen = torch.Generator().manual_seed(args.seed)
     for epoch in range(1, args.gate_fit_epochs + 1):
         neg = sample_negatives(torch.cat([history, targets[:, None]], 1), data["n_items"], (len(targets), negatives), gen)
         total = 0.0
         for idx in torch.randperm(len(inputs), generator=gen).split(batch_size):
             seq, tgt, hist = inputs[idx].to(device), targets[idx].to(device), history[idx].to(device)
-            with torch.set_grad_enabled("text" in model.experts):  # the text expert's scale is fit too
-                h = [h_k[:, -1] for h_k in model.states(seq)]  # K x (b, d)
+            # the text expert's scale is fit too: its states are recomputed, with their gradient
+            h = [s[idx.to(device)] if s is not None else e(seq)[:, -1] for s, e in zip(last, model.experts.values())]  # K x (b, d)
             states = [h_k[:, None] for h_k in h]  # K x (b, 1, d)
             if args.loss == "ce":
                 o = [h_k @ t.T for h_k, t in zip(h, tables)]  # K x (b, N+1): o_k, fixed

@@ -770,3 +770,59 @@ def test_gate_fit_on_validation_never_reads_the_test_column(loss, gate_kind):
         model = copy.deepcopy(pad)
         fit_gate(model, data, args, users=folds[1 - i])
         assert torch.equal(ranks[fold], user_ranks(model, data, "valid", 5, users=fold))
+
+
+@pytest.mark.parametrize("loss", ["bce", "ce"])
+def test_gate_fit_with_the_frozen_experts_states_computed_once_is_the_per_batch_fit(loss):
+    """gate_fit.fit_gate computes the frozen experts' states once and reads them every pass; the
+    text expert, whose scale is fit, is run per batch. Written out here with every expert run on
+    every batch (Adam on the same loss, the same batches and negatives), the fit gives the same
+    parameters."""
+    import copy
+    import types
+
+    from dataset import history_before_target, split_sequences
+    from evaluate import mask_seen
+    from gate_fit import fit_gate, gate_params
+
+    pad = make_pad(("id", "llm", "text"), "freq", seed=4, bucket_bias=True, bucket_temp=True)
+    g = gen(12)
+    seqs = torch.stack([torch.randperm(N, generator=g)[:L + 3] + 1 for _ in range(13)])
+    data = {"seqs": seqs, "n_items": N, "item_bucket": pad.bucket, "n_buckets": N_BUCKETS}
+    args = types.SimpleNamespace(seed=0, quiet=True, loss=loss, gate_fit_epochs=3, gate_fit_lr=0.05, gate_fit_batch_size=4,
+                                 gate_fit_negatives=3)
+    fast = copy.deepcopy(pad)
+    fit_gate(fast, data, args)
+
+    ref = copy.deepcopy(pad).eval()  # the per-batch fit
+    for w in ref.parameters():
+        w.requires_grad_(False)
+    params = gate_params(ref)
+    for w in params:
+        w.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=args.gate_fit_lr)
+    inputs, targets = split_sequences(seqs, "valid")
+    history = history_before_target(seqs, "valid")
+    with torch.no_grad():
+        tables = ref.item_tables()
+    gen_ = torch.Generator().manual_seed(0)
+    for _ in range(args.gate_fit_epochs):
+        neg = sample_negatives(torch.cat([history, targets[:, None]], 1), N, (len(targets), 3), gen_)
+        for idx in torch.randperm(len(inputs), generator=gen_).split(4):
+            h = [h_k[:, -1] for h_k in ref.states(inputs[idx])]
+            if loss == "ce":
+                phi = ref.fuse([h_k @ t.T for h_k, t in zip(h, tables)], [h_k[:, None] for h_k in h],
+                               ref.bucket.expand(len(idx), -1), per_bucket=True)
+                value = ce_loss(mask_seen(phi, history[idx])[:, None], targets[idx, None], torch.ones(len(idx), 1, dtype=torch.bool))
+            else:
+                items = torch.cat([targets[idx, None], neg[idx]], 1)
+                phi = ref.fuse([(h_k[:, None] * t[items]).sum(-1) for h_k, t in zip(h, tables)], [h_k[:, None] for h_k in h],
+                               ref.bucket[items])
+                value = bce_loss(phi[:, :1].expand(-1, 3), phi[:, 1:], torch.ones_like(phi[:, 1:], dtype=torch.bool))
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+    moved = [not torch.equal(a, b) for a, b in zip(gate_params(fast), gate_params(pad))]
+    assert all(moved)
+    for a, b in zip(gate_params(fast), params):
+        assert torch.allclose(a, b, atol=1e-6), (a, b)
