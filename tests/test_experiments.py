@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from scipy.stats import ttest_rel
@@ -195,6 +196,19 @@ def test_phase3_ranks_by_validation_and_runs_each_variants_flags(all_experiments
         assert args["gate_fit"] == settings.get("gate_fit", "valid-only")
         assert ("text" in args["experts"]) == ("text" in settings.get("experts", ""))
         assert (args["pretrain"], args["align"], args["llm_init"]) == (recipe["pretrain"], recipe["align"], recipe["llm_init"])
+    # each variant against the recipe over the validation users: the paired t-interval, from the runs' ranks
+    from scipy import stats
+
+    def valid_ndcg(row):
+        ranks = np.array(json.loads(Path(row["run"]).with_suffix(".json").read_text())["ranks"]["valid"])
+        return np.where(ranks < 10, 100 / np.log2(ranks + 2), 0.0)
+    assert set(out["summary"]["valid_vs_recipe"]) == set(PHASE3) - {RECIPE_LABEL}
+    for label, got in out["summary"]["valid_vs_recipe"].items():
+        d = valid_ndcg(rows[label]) - valid_ndcg(rows[RECIPE_LABEL])
+        low, high = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+        assert got["difference"] == pytest.approx(d.mean(), abs=1e-5) and got["users"] == len(d)
+        assert (got["low"], got["high"]) == (pytest.approx(low, abs=1e-5), pytest.approx(high, abs=1e-5))
+        assert "{:+.2f} [{:+.2f}, {:+.2f}]".format(d.mean(), low, high) in md
 
 
 def test_report_remakes_every_page_from_its_json(all_experiments, tmp_path):
