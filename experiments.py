@@ -325,10 +325,28 @@ def groups(exp, plan, seeds):
 # --- Running: dependencies first, --jobs at a time, finished runs skipped ------------------
 
 
+def waiting_on(runs):
+    """{id(run): how many of `runs` need it, directly or through others}."""
+    count = {id(r): 0 for r in runs}
+    for r in runs:
+        seen, stack = set(), list(r.deps)
+        while stack:
+            d = stack.pop()
+            if id(d) not in seen:
+                seen.add(id(d))
+                stack.extend(d.deps)
+        for i in seen:
+            count[i] = count.get(i, 0) + 1
+    return count
+
+
 def execute(runs, args):
-    """Run every unfinished run after its dependencies, args.jobs at a time. Each run's output
-    goes to OUT.log; a failure stops its dependants, not the others, and is reported at the end."""
+    """Run every unfinished run after its dependencies, args.jobs at a time; of the runs ready,
+    the one that more runs wait on starts first (then the experiment's order), so that a long
+    chain (phase 1 -> align -> finetunes) is not left behind a run that ends one. Each run's
+    output goes to OUT.log; a failure stops its dependants, not the others, and is reported at the end."""
     todo = [r for r in runs if not r.done]
+    waiting = waiting_on(todo)
     if args.dry_run:
         for r in todo:
             print(" ".join(shlex.quote(c) for c in command(r, args)))
@@ -338,7 +356,8 @@ def execute(runs, args):
     bar = tqdm(total=len(todo), desc="runs", disable=None if todo else True)  # on a terminal only
     with cf.ThreadPoolExecutor(args.jobs) as pool:
         while todo or running:
-            for r in [r for r in todo if all(d.done for d in r.deps) and len(running) < args.jobs][:args.jobs - len(running)]:
+            ready = sorted([r for r in todo if all(d.done for d in r.deps)], key=lambda r: -waiting[id(r)])  # stable
+            for r in ready[:args.jobs - len(running)]:
                 todo.remove(r)
                 running[pool.submit(call, r, args, env)] = r
             blocked = [r for r in todo if any(d in failed for d in r.deps)]  # identity: eq=False

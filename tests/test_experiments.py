@@ -386,3 +386,29 @@ def test_preset_tables_do_not_overwrite_ours(work, dataset, all_experiments):
     rows = list(csv.DictReader(open(work / "results" / "tiny" / "table2-authors.csv")))
     assert [Path(r["run"]).name for r in rows] == ["pretrain_sasrec_authors_seed0.pt"]
     assert json.loads((work / "results" / "tiny" / "table2-authors.json").read_text())["preset"] == "authors"
+
+
+def test_ready_runs_start_by_how_many_runs_wait_on_them(tmp_path, monkeypatch):
+    """execute: of the runs whose dependencies are done, the one that more runs need (directly or
+    through others) starts first, the experiment's order breaking ties; one at a time here."""
+    import types
+
+    import experiments
+    from experiments import Run, execute
+
+    order = []
+
+    def fake_call(run, args, env):  # a finished run: its checkpoint and metrics
+        order.append(run.out.stem)
+        run.out.write_text("")
+        run.out.with_suffix(".json").write_text("{}")
+        return 0, 0.0
+
+    monkeypatch.setattr(experiments, "call", fake_call)
+    a, b = Run(tmp_path / "a.pt", []), Run(tmp_path / "b.pt", [])
+    c = Run(tmp_path / "c.pt", [], [b])
+    d, e = Run(tmp_path / "d.pt", [], [c]), Run(tmp_path / "e.pt", [], [c])
+    f = Run(tmp_path / "f.pt", [], [a])
+    assert experiments.waiting_on([a, b, c, d, e, f]) == {id(a): 1, id(b): 3, id(c): 2, id(d): 0, id(e): 0, id(f): 0}
+    execute([a, f, b, c, d, e], types.SimpleNamespace(dry_run=False, jobs=1))
+    assert order == ["b", "c", "a", "f", "d", "e"]
