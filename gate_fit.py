@@ -83,7 +83,8 @@ def fit_gate(model, data, args, users=None):
         for idx in torch.randperm(len(inputs), generator=gen).split(batch_size):
             seq, tgt, hist = inputs[idx].to(device), targets[idx].to(device), history[idx].to(device)
             # the text expert's scale is fit too: its states are recomputed, with their gradient
-            h = [s[idx.to(device)] if s is not None else e(seq)[:, -1] for s, e in zip(last, model.experts.values())]  # K x (b, d)
+            h = [s[idx.to(device)] if s is not None else e(seq)[:, -1]
+                 for s, e in zip(last, model.experts.values())]  # K x (b, d)
             states = [h_k[:, None] for h_k in h]  # K x (b, 1, d)
             if args.loss == "ce":
                 o = [h_k @ t.T for h_k, t in zip(h, tables)]  # K x (b, N+1): o_k, fixed
