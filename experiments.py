@@ -391,9 +391,11 @@ def command(run, args):
 
 
 def call(run, args, env):
+    """Run one script call, its output to OUT.log; a resumed run (OUT.last.pt) adds to the log it began."""
     run.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with open(run.out.with_suffix(".log"), "w") as log:
+    resumed = run.out.with_suffix(".last.pt").is_file()
+    with open(run.out.with_suffix(".log"), "a" if resumed else "w") as log:
         rc = subprocess.call(command(run, args), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).parent)
     return rc, time.time() - t0
 

@@ -4,6 +4,7 @@ paired t-test and the fig3 / fig6 statistics against independent computations.""
 import csv
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -412,3 +413,22 @@ def test_ready_runs_start_by_how_many_runs_wait_on_them(tmp_path, monkeypatch):
     assert experiments.waiting_on([a, b, c, d, e, f]) == {id(a): 1, id(b): 3, id(c): 2, id(d): 0, id(e): 0, id(f): 0}
     execute([a, f, b, c, d, e], types.SimpleNamespace(dry_run=False, jobs=1))
     assert order == ["b", "c", "a", "f", "d", "e"]
+
+
+def test_a_resumed_run_adds_to_its_log(tmp_path):
+    """experiments.call: a run with OUT.last.pt is resumed (--resume) and its output is added to
+    the log it began; a fresh run starts a new log."""
+    import types
+
+    from experiments import Run, call
+
+    run = Run(tmp_path / "r.pt", ["-c", "import sys; print('args', *sys.argv[1:])"])
+    args = types.SimpleNamespace(extra="", model_flags="", data="d", device="cpu")
+    run.out.with_suffix(".log").write_text("epoch 1\n")
+    run.out.with_suffix(".last.pt").write_text("")
+    assert call(run, args, dict(os.environ))[0] == 0
+    log = run.out.with_suffix(".log").read_text()
+    assert log.startswith("epoch 1\n") and "--resume" in log.splitlines()[1]
+    run.out.with_suffix(".last.pt").unlink()
+    call(run, args, dict(os.environ))
+    assert run.out.with_suffix(".log").read_text().splitlines() == ["args --data d --device cpu --quiet"]
