@@ -219,7 +219,8 @@ class Plan:
         if llm_init:
             morec = self.baseline(seed, "morec", backbone, loss, text)
             cmd, deps = cmd + ["--llm-init", str(morec.out)], deps + [morec]
-        gate = gate + "-bias" * bucket_bias + "-temp" * bucket_temp + "-prob" * (mix == "prob") + GATE_FITS[gate_fit]  # as finetune.py names it
+        gate = (gate + "-bias" * bucket_bias + "-temp" * bucket_temp + "-prob" * (mix == "prob")
+                + GATE_FITS[gate_fit])  # as finetune.py names it
         return self._run("finetune", cmd, seed, deps, backbone=backbone, gate=gate,
                          experts=experts.split(","), align=tag, llm_init=llm_init, loss=loss, text=text)
 
