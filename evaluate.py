@@ -87,11 +87,12 @@ def summarise(hit, ndcg, bucket, n_buckets, k):
 
 
 @torch.no_grad()
-def user_ranks(model, data, split="test", batch_size=512, keep_repeats=False, users=None):
+def user_ranks(model, data, split="test", batch_size=512, keep_repeats=False, users=None, offsets=None):
     """0-based rank of every user's `split` target (target_ranks), (U,) in the order of
     data["seqs"], or of the rows `users` (an index tensor) only. Users are ranked in chunks
     of batch_size, so memory is O(batch_size x N), never users x items; the item tables are
-    computed once per call. Scores are float32 even on a GPU (bf16 scores would tie)."""
+    computed once per call. Scores are float32 even on a GPU (bf16 scores would tie).
+    offsets (T, N+1): rank under each scores + offsets[t] instead, from one pass, (T, U)."""
     was_training = model.training
     model.eval()
     device = next(itertools.chain(model.parameters(), model.buffers())).device
@@ -104,10 +105,13 @@ def user_ranks(model, data, split="test", batch_size=512, keep_repeats=False, us
     for i in range(0, len(inputs), batch_size):
         seq = inputs[i:i + batch_size].to(device, non_blocking=True)
         scores = model.full_scores(seq, tables)  # (b, N+1)
-        ranks.append(target_ranks(scores, targets[i:i + batch_size].to(device), history[i:i + batch_size].to(device),
-                                  keep_repeats).cpu())
+        target, hist = targets[i:i + batch_size].to(device), history[i:i + batch_size].to(device)
+        if offsets is None:
+            ranks.append(target_ranks(scores, target, hist, keep_repeats).cpu())
+        else:
+            ranks.append(torch.stack([target_ranks(scores + o, target, hist, keep_repeats) for o in offsets.to(device)]).cpu())
     model.train(was_training)
-    return torch.cat(ranks)
+    return torch.cat(ranks, -1)
 
 
 def summarise_ranks(ranks, data, split="test", k=10, users=None):

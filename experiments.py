@@ -32,7 +32,7 @@ run), EXP.json (the rows and the summary), EXP.md (the table) and EXP.png (the f
   screen  beyond the paper: the text-path screen's six PAD variants ranked by validation, test
           for the chosen one only
   phase3  beyond the paper: phase-3 variants on the text path's expert runs (the text-kNN expert,
-          --bucket-bias, --bucket-temp, --mix prob, --gate bucket, the gate fit's passes, joint
+          --bucket-bias, --bucket-temp, --mix prob, --gate bucket, --logit-adjust, the gate fit's passes, joint
           training with --expert-lr / --aux-weight and the gate refit on validation), ranked
           by validation, test and gate shares beside it
 --extra passes flags to every training run (e.g. --extra "--epochs 2" for a smoke test),
@@ -58,7 +58,7 @@ from tqdm import tqdm
 from analysis import embedding_kendall_tau, embedding_table
 from dataset import GROUPS, atomic_write_text, bucket_groups, load_dataset
 from evaluate import hr_ndcg, mean_std, metric_row, summary_table
-from runs import DEFAULT_ALIGN, GATE_FITS, align_tag, model_from_checkpoint, read_checkpoint, run_path
+from runs import DEFAULT_ALIGN, GATE_FITS, adjust_tag, align_tag, model_from_checkpoint, read_checkpoint, run_path
 from trainer import AUTHORS_INFONCE_WEIGHT, PRESETS
 
 EXPERIMENTS = ("table2", "table3", "fig2", "fig3", "fig4", "fig5", "fig6", "deviations", "verdict", "screen", "phase3")
@@ -96,6 +96,8 @@ PHASE3 = {
         "", [], {"experts": "id,align,llm,text", "bucket_temp": True, "bucket_bias": True}),
     "the recipe with a weight per bucket and expert, no expert state (--gate bucket)": (
         "", [], {"experts": "id,align,llm,text", "gate": "bucket"}),
+    "the recipe + logit adjustment, τ chosen on validation (--logit-adjust valid)": (
+        "", [], {"experts": "id,align,llm,text", "logit_adjust": "valid"}),
     "phase 3 trained (Alg. 1), gate refit on valid": ("", [], {"gate_fit": "valid"}),
     "phase 3, experts at lr 1e-4, gate refit on valid": ("elr1e-4", EXPERT_LR, {"gate_fit": "valid"}),
     "phase 3, each expert's own loss too (--aux-weight 1), gate refit on valid": ("aux1", AUX, {"gate_fit": "valid"}),
@@ -201,17 +203,17 @@ class Plan:
                          backbone=backbone, kernel=kernel, anchor=anchor, gamma=gamma, loss=loss, text=text)
 
     def finetune(self, seed, align=None, experts="id,align,llm", gate=None, backbone="sasrec", loss="bce", text=None,
-                 llm_init=False, gate_fit="train", bucket_bias=False, mix="logit", bucket_temp=False):
+                 llm_init=False, gate_fit="train", bucket_bias=False, mix="logit", bucket_temp=False, logit_adjust=0):
         """llm_init: the LLM expert starts from the MoRec run of the same loss and text flags;
         gate_fit valid: the gate is refit on the validation split after training, valid-only: the
         experts are not trained and the gate is fit on the validation split (finetune.py --gate-fit);
-        bucket_bias, bucket_temp, mix: finetune.py --bucket-bias, --bucket-temp, --mix."""
+        bucket_bias, bucket_temp, mix, logit_adjust: finetune.py --bucket-bias, --bucket-temp, --mix, --logit-adjust."""
         align, gate = align or self.pad_align, gate or self.gate
         p1 = self.pretrain(seed, backbone, loss)
         cmd = ["finetune.py", "--backbone", backbone, "--pretrain", str(p1.out), "--experts", experts, "--gate", gate,
                "--loss", loss, *text_flags(text), *(["--gate-fit", gate_fit] if gate_fit != "train" else []),
                *(["--bucket-bias"] if bucket_bias else []), *(["--bucket-temp"] if bucket_temp else []),
-               *(["--mix", mix] if mix != "logit" else [])]
+               *(["--mix", mix] if mix != "logit" else []), *(["--logit-adjust", str(logit_adjust)] if logit_adjust else [])]
         deps, tag = [p1], ""
         if "align" in experts.split(","):
             p2 = self.align(seed, *align, backbone=backbone, loss=loss, text=text)
@@ -220,7 +222,7 @@ class Plan:
             morec = self.baseline(seed, "morec", backbone, loss, text)
             cmd, deps = cmd + ["--llm-init", str(morec.out)], deps + [morec]
         gate = (gate + "-bias" * bucket_bias + "-temp" * bucket_temp + "-prob" * (mix == "prob")
-                + GATE_FITS[gate_fit])  # as finetune.py names it
+                + adjust_tag(logit_adjust) + GATE_FITS[gate_fit])  # as finetune.py names it
         return self._run("finetune", cmd, seed, deps, backbone=backbone, gate=gate,
                          experts=experts.split(","), align=tag, llm_init=llm_init, loss=loss, text=text)
 
@@ -418,7 +420,8 @@ def rows(exp, panels):
                             **{f"valid {k}": m["valid"][k] for k in ("HR@10", "nDCG@10")},
                             "valid cold HR@10": m["valid"]["groups"]["cold"]["HR@10"],
                             "best_epoch": m["best_epoch"],
-                            **({"gate_per_bucket": m["gate_per_bucket"]} if "gate_per_bucket" in m else {})})
+                            **({"gate_per_bucket": m["gate_per_bucket"]} if "gate_per_bucket" in m else {}),
+                            **({"logit_adjust_tau": m["logit_adjust_tau"]} if "logit_adjust_tau" in m else {})})
     return out
 
 
@@ -742,6 +745,8 @@ def phase3_md(t, summary):
         d = vs.get(lb)
         cells.append("{:+.2f} [{:+.2f}, {:+.2f}]".format(d["difference"], d["low"], d["high"]) if d else "")
         shares = gate_shares(rs) if all("gate_per_bucket" in r for r in rs) else ""
+        if all("logit_adjust_tau" in r for r in rs):  # --logit-adjust: the tau of each seed
+            shares += "; τ " + ", ".join(f"{r['logit_adjust_tau']:g}" for r in rs)
         md.append(f"| {i} | {lb}{' (chosen)' if lb == summary['chosen'] else ''} | {len(rs)} | " + " | ".join(cells)
                   + f" | {shares} |")
     return ["\n".join(md), "Ranked by mean validation nDCG@10 over the seeds (a gate fit on validation scored "
@@ -871,6 +876,9 @@ def report(exp, panels, data, args, results):
     name = data["name"]
     stem = exp if args.preset == "none" else f"{exp}-{args.preset}"  # a preset's tables beside ours, not over them
     title = title_of(exp, name, args.seeds, args.preset)
+    if args.only:  # some of its labels: beside the full page, not over it, and titled so
+        n = sum(len(labels) for labels in panels.values())
+        stem, title = f"{stem}-only", f"{title[:-1]}, only {n} of its rows (--only))"
     all_rows, summary = collect(exp, panels, data, args, results / f"{stem}.png")
     md = render(exp, all_rows, summary, title, name, results / f"{stem}.png")
     write_files(results, stem, md, {"experiment": exp, "data": name, "seeds": args.seeds, "preset": args.preset,
@@ -945,7 +953,8 @@ def main():
                    help="every run with this --preset (trainer.PRESETS), named _PRESET; tables EXP-PRESET.md (the "
                         "recipe preset's configuration is a row of verdict and phase3 already)")
     p.add_argument("--only", nargs="+", metavar="LABEL",
-                   help="run and report only these labels of the chosen experiments, e.g. SASRec text-kNN PAD")
+                   help="run and report only these labels of the chosen experiments, e.g. SASRec text-kNN PAD; the "
+                        "pages are EXP[-PRESET]-only.*, beside the full ones")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the runs still to do, run nothing")
     args = p.parse_args()
     if args.jobs < 1:

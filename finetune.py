@@ -17,7 +17,7 @@ from dataset import split_sequences
 from evaluate import protocol
 from gate_fit import cross_fit_gate
 from models import ALL_EXPERTS, BACKBONES, EXPERTS, GATE_INITS, GATES, MIXES, build_model
-from runs import GATE_FITS, TEXT_FLAGS, model_from_checkpoint, phase3_inputs, reuse_finished, run_path, text_of
+from runs import GATE_FITS, TEXT_FLAGS, adjust_tag, model_from_checkpoint, phase3_inputs, reuse_finished, run_path, text_of
 from trainer import (K, add_text_args, add_training_args, finish, fit, is_main_process, parse_args, parser, rec_loss,
                      setup)
 
@@ -63,6 +63,9 @@ def flags():
     beyond.add_argument("--mix", default="logit", choices=MIXES,
                         help="logit: Eq. (11), the gate mixes the experts' logits; prob: their softmax distributions "
                              "over all items (models.PAD.mix_probabilities; needs --loss ce)")
+    beyond.add_argument("--logit-adjust", type=parse_adjust, default=0, metavar="TAU|valid",
+                        help="rank by Phi - TAU * log(1 + training count) (0: off); valid: TAU chosen on validation "
+                             "(gate_fit.ADJUST_TAUS, cross-fitted; needs --gate-fit valid or valid-only)")
     args = parse_args(p, "finetune")
     if args.llm_init and "llm" not in args.experts:
         raise SystemExit(f"--llm-init {args.llm_init}: seeds the LLM expert, which --experts {','.join(args.experts)} leaves out")
@@ -71,9 +74,25 @@ def flags():
                          "MOREC.pt (a baselines.py --method morec run), or leave llm out of --experts")
     if args.mix == "prob" and (args.loss != "ce" or args.ce_chunk):
         raise SystemExit("--mix prob mixes distributions over all items: it needs --loss ce without --ce-chunk")
+    if args.logit_adjust == "valid" and args.gate_fit == "train":
+        raise SystemExit("--logit-adjust valid chooses tau in the gate's cross-fit on validation: add --gate-fit valid "
+                         "(or valid-only), or give tau as a number")
     if args.gate_fit != "train" and args.gate_fit_folds < 2:
         raise SystemExit(f"--gate-fit-folds {args.gate_fit_folds}: the cross-fitted validation score needs at least 2 folds")
     return args
+
+
+def parse_adjust(text):
+    """--logit-adjust: 'valid' or a tau >= 0."""
+    if text == "valid":
+        return text
+    try:
+        tau = float(text)
+    except ValueError:
+        tau = -1.0
+    if not tau >= 0:
+        raise argparse.ArgumentTypeError(f"--logit-adjust {text!r}: a number >= 0 (0: off) or 'valid'")
+    return tau
 
 
 def phase3_loss(model, seq, pos, neg, mask, loss="bce", ce_chunk=0, aux_weight=0.0):
@@ -94,7 +113,7 @@ def pad_config(args, ckpts):
     text flags both text experts share."""
     model_args = {**ckpts["id"]["model_args"], "kind": "pad", "experts": list(args.experts), "gate": args.gate,
                   "gate_init": args.gate_init, "bucket_bias": args.bucket_bias, "mix": args.mix,
-                  "bucket_temp": args.bucket_temp}
+                  "bucket_temp": args.bucket_temp, "logit_adjust": args.logit_adjust}
     model_args["fuse_dropout"] = ckpts["align"]["model_args"]["fuse_dropout"] if "align" in ckpts else 0.0
     model_args.update({key: getattr(args, key) for _, key, _ in TEXT_FLAGS})
     model_args.pop("expert")
@@ -120,7 +139,7 @@ def main():
     data, device = setup(args)
     paths, ckpts, align = phase3_inputs(args, data)  # the runs the experts start from, checked
     gate = (args.gate + "-bias" * args.bucket_bias + "-temp" * args.bucket_temp + "-prob" * (args.mix == "prob")
-            + GATE_FITS[args.gate_fit])  # e.g. freq-validfit
+            + adjust_tag(args.logit_adjust) + GATE_FITS[args.gate_fit])  # e.g. freq-validfit
     out = args.out or run_path(data["name"], "finetune", backbone=args.backbone, gate=gate, experts=args.experts,
                                align=align, llm_init=bool(args.llm_init), seed=args.seed, loss=args.loss,
                                preset=args.preset, text=text_of(args))
@@ -147,9 +166,11 @@ def main():
     if not is_main_process():  # under torchrun, rank 0 tests and writes
         return
     # DEVIATION (--gate-fit valid, valid-only; beyond the paper): the gate refit on validation (gate_fit.py)
-    valid_ranks = cross_fit_gate(model, data, args) if args.gate_fit != "train" else None
+    valid_ranks, curve = cross_fit_gate(model, data, args) if args.gate_fit != "train" else (None, None)
+    adjust = {} if model.adjust_tau is None else {"logit_adjust_tau": model.adjust_tau.item(),
+                                                   **({"logit_adjust_valid_nDCG@10": curve} if curve else {})}
     finish(model, model_args, data, args, 3, log, out, valid_ranks=valid_ranks,
-           extra={"gate_per_bucket": gate_shares(model, data, args.experts), "init": paths})
+           extra={"gate_per_bucket": gate_shares(model, data, args.experts), "init": paths, **adjust})
 
 
 if __name__ == "__main__":

@@ -472,9 +472,16 @@ class PAD(nn.Module):
     temperature per frequency bucket, t = exp(tau) with tau zero at the start: the gate's weights
     sum to one, so without it every bucket's scores keep the experts' spread; with it a bucket's
     scores can be sharpened or flattened against the others' (with --bucket-bias: an affine map
-    per bucket), e.g. cold items ranked by text similarity on a wider scale."""
+    per bucket), e.g. cold items ranked by text similarity on a wider scale.
 
-    def __init__(self, experts, gate, item_bucket, n_buckets, bucket_bias=False, mix="logit", bucket_temp=False):
+    logit_adjust (finetune.py --logit-adjust, beyond the paper): the ranking scores Phi(i) -
+    tau * log(1 + n_i), n_i the item's training interactions: post-hoc logit adjustment (Menon
+    et al., 2021) against the popularity that L_REC teaches; tau is a persistent buffer (chosen
+    on validation by gate_fit.cross_fit_gate, or given), read by full_scores only, so training
+    and the gate fit see Phi unchanged."""
+
+    def __init__(self, experts, gate, item_bucket, n_buckets, bucket_bias=False, mix="logit", bucket_temp=False,
+                 item_freq=None, logit_adjust=False):
         super().__init__()
         if mix not in MIXES:
             raise ValueError(f"unknown mix {mix!r}; choose one of {', '.join(MIXES)} (--mix)")
@@ -484,6 +491,10 @@ class PAD(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_buckets + 1)) if bucket_bias else None  # DEVIATION: beta per bucket
         self.log_sharpness = nn.Parameter(torch.zeros(len(experts))) if mix == "prob" else None  # --mix prob: s_k
         self.log_temp = nn.Parameter(torch.zeros(n_buckets + 1)) if bucket_temp else None  # DEVIATION: tau per bucket
+        # DEVIATION (--logit-adjust): tau (saved), and log(1 + n_i) per item, (N+1,); None without it
+        tau = None if not logit_adjust else torch.tensor(0.0 if logit_adjust == "valid" else float(logit_adjust))
+        self.register_buffer("adjust_tau", tau)
+        self.register_buffer("log_freq", torch.log1p(item_freq.float()) if logit_adjust else None, persistent=False)
 
     def states(self, seq):
         return [expert(seq) for expert in self.experts.values()]  # K x (B, L, d)
@@ -563,7 +574,8 @@ class PAD(nn.Module):
         tables = tables or self.item_tables()
         h = [h_k[:, -1] for h_k in self.states(seq)]  # K x (B, d)
         o = [(h_k.to(t.dtype) @ t.T).float() for h_k, t in zip(h, tables)]  # K x (B, N+1)
-        return self.fuse(o, [h_k[:, None] for h_k in h], self.bucket.expand(len(seq), -1), per_bucket)
+        phi = self.fuse(o, [h_k[:, None] for h_k in h], self.bucket.expand(len(seq), -1), per_bucket)
+        return phi if self.adjust_tau is None else phi - self.adjust_tau * self.log_freq  # --logit-adjust
 
     def item_tables(self, dtype=None):
         """K x (N+1, d): each expert's item representations (Expert.item_tables)."""
@@ -682,6 +694,7 @@ def build_model(model_args, data):
     gate = make_gate(model_args["gate"], data["n_buckets"], widths if "text" in experts else model_args["d"], experts,
                      model_args.get("gate_init", "uniform"))
     return PAD(experts, gate, data["item_bucket"], data["n_buckets"], model_args.get("bucket_bias", False),
-               model_args.get("mix", "logit"), model_args.get("bucket_temp", False))
+               model_args.get("mix", "logit"), model_args.get("bucket_temp", False),
+               data["item_freq"] if model_args.get("logit_adjust") else None, model_args.get("logit_adjust", 0))
 
 

@@ -33,6 +33,11 @@ DEFAULT_ALIGN = {"kernel": "gaussian", "anchor": "rec", "gamma": 0.1}  # align.p
 GATE_FITS = {"train": "", "valid": "-validfit", "valid-only": "-validonly"}  # finetune.py --gate-fit: run-name suffix
 
 
+def adjust_tag(logit_adjust):
+    """finetune.py --logit-adjust in the run name: '' (off), -la0.2, -lavalid."""
+    return "" if not logit_adjust else f"-la{logit_adjust:g}" if logit_adjust != "valid" else "-lavalid"
+
+
 # How f_MLP (Eq. 7) reads the text table: (flag, args key, align.py's default)
 TEXT_FLAGS = (("--text-norm", "text_norm", "none"), ("--text-layers", "text_layers", 4), ("--text-out", "text_out", "gelu"))
 
@@ -145,9 +150,17 @@ SAME_RUN_FREE = ("resume", "quiet", "out", "overwrite", "threads", "eval_batch_s
 RESUME_FREE = (*SAME_RUN_FREE, "epochs")
 
 
+# flags added after runs were written, each with the value under which the code ran before it
+# existed: an earlier run that does not record one ran with that value
+ADDED_LATER = {"bucket_temp": False, "logit_adjust": 0}
+
+
 def flag_diff(then, now, free):
     """'--flag A (now B)' for every flag set differently in two vars(args) dicts; a flag that
-    the earlier run did not record (it did not exist yet) differs: the run is not reused."""
+    the earlier run did not record (it did not exist yet) differs, unless ADDED_LATER says
+    what it ran with: the run is not reused."""
+    then = {**{k: v for k, v in ADDED_LATER.items() if k in now}, **then}
+
     def shown(args, k):
         return args[k] if k in args else "(not recorded)"
     return [f"--{k.replace('_', '-')} {shown(then, k)} (now {shown(now, k)})" for k in sorted(now.keys() | then.keys())

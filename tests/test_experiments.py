@@ -193,6 +193,7 @@ def test_phase3_ranks_by_validation_and_runs_each_variants_flags(all_experiments
         assert args["bucket_temp"] == settings.get("bucket_temp", False)
         assert args["gate"] == settings.get("gate", "freq")
         assert args["mix"] == settings.get("mix", "logit")
+        assert args["logit_adjust"] == settings.get("logit_adjust", 0)
         assert args["gate_fit_epochs"] == (20 if "--gate-fit-epochs" in flags else 5)
         assert args["gate_fit"] == settings.get("gate_fit", "valid-only")
         assert ("text" in args["experts"]) == ("text" in settings.get("experts", ""))
@@ -206,7 +207,7 @@ def test_phase3_ranks_by_validation_and_runs_each_variants_flags(all_experiments
     assert set(out["summary"]["valid_vs_recipe"]) == set(PHASE3) - {RECIPE_LABEL}
     for label, got in out["summary"]["valid_vs_recipe"].items():
         d = valid_ndcg(rows[label]) - valid_ndcg(rows[RECIPE_LABEL])
-        low, high = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+        low, high = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d)) if d.std() else (d.mean(),) * 2
         assert got["difference"] == pytest.approx(d.mean(), abs=1e-5) and got["users"] == len(d)
         assert (got["low"], got["high"]) == (pytest.approx(low, abs=1e-5), pytest.approx(high, abs=1e-5))
         assert "{:+.2f} [{:+.2f}, {:+.2f}]".format(d.mean(), low, high) in md
@@ -376,17 +377,18 @@ def test_preset_runs_are_named_for_it(work, dataset):
 
 
 def test_preset_tables_do_not_overwrite_ours(work, dataset, all_experiments):
-    """--preset authors writes table2-authors.* beside table2.*, which it leaves as it was."""
+    """--preset authors writes table2-authors.* beside table2.*, which it leaves as it was; with
+    --only, table2-authors-only.*, titled as some of its rows."""
     ours = all_experiments / "table2.md"
     before = ours.read_bytes()
     r = experiments(work, dataset, "table2", "--seeds", "0", "--preset", "authors", "--only", "SASRec")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert ours.read_bytes() == before
-    md = (work / "results" / "tiny" / "table2-authors.md").read_text()
-    assert md.startswith("## Table 2 (tiny, seeds [0], --preset authors)") and "| SASRec | 1 |" in md
-    rows = list(csv.DictReader(open(work / "results" / "tiny" / "table2-authors.csv")))
+    md = (work / "results" / "tiny" / "table2-authors-only.md").read_text()
+    assert md.startswith("## Table 2 (tiny, seeds [0], --preset authors, only 1 of its rows (--only))") and "| SASRec | 1 |" in md
+    rows = list(csv.DictReader(open(work / "results" / "tiny" / "table2-authors-only.csv")))
     assert [Path(r["run"]).name for r in rows] == ["pretrain_sasrec_authors_seed0.pt"]
-    assert json.loads((work / "results" / "tiny" / "table2-authors.json").read_text())["preset"] == "authors"
+    assert json.loads((work / "results" / "tiny" / "table2-authors-only.json").read_text())["preset"] == "authors"
 
 
 def test_ready_runs_start_by_how_many_runs_wait_on_them(tmp_path, monkeypatch):

@@ -188,11 +188,13 @@ def loop_pad_scores(experts, gate, kind, bucket, seq, bias=None, log_temp=None):
     return out
 
 
-def make_pad(names, gate_kind, seed=0, backbone="sasrec", bucket_bias=False, bucket_temp=False):
+def make_pad(names, gate_kind, seed=0, backbone="sasrec", bucket_bias=False, bucket_temp=False, logit_adjust=0):
     experts = {k: expert(k, backbone, seed=seed + i) for i, k in enumerate(names)}
     widths = [D_TEXT if k == "text" else D for k in names]  # the text expert's state is d_text wide
     gate = randomise(make_gate(gate_kind, N_BUCKETS, widths if "text" in names else D, names), seed)
-    pad = PAD(experts, gate, item_bucket(), N_BUCKETS, bucket_bias, bucket_temp=bucket_temp).eval()
+    freq = torch.randint(0, 50, (N + 1,), generator=gen(seed + 300))
+    pad = PAD(experts, gate, item_bucket(), N_BUCKETS, bucket_bias, bucket_temp=bucket_temp, item_freq=freq,
+              logit_adjust=logit_adjust).eval()
     with torch.no_grad():
         for w, s in ((pad.bias, 100), (pad.log_temp, 200)):
             if w is not None:
@@ -731,6 +733,72 @@ def test_gate_fit_bce_is_eq1_on_phi_of_eq11_by_loop(capsys):
     assert got == pytest.approx(pos_term + neg_term, abs=1e-4)
 
 
+def test_logit_adjustment_shifts_ranking_scores_only():
+    """--logit-adjust tau: full_scores is Eq. (11)'s Phi minus tau * log(1 + n_i), n_i the item's
+    training count; the training logits (all_logits) and a tau of 0 leave Phi as it was."""
+    plain = make_pad(EXPERTS, "freq", seed=4)
+    adjusted = make_pad(EXPERTS, "freq", seed=4, logit_adjust=0.3)
+    seq = torch.randint(1, N + 1, (3, L), generator=gen(5))
+    freq = torch.randint(0, 50, (N + 1,), generator=gen(4 + 300))  # make_pad's counts
+    with torch.no_grad():
+        phi = plain.full_scores(seq)
+        expect = phi - 0.3 * torch.tensor([math.log(1 + f) for f in freq.tolist()])
+        torch.testing.assert_close(adjusted.full_scores(seq), expect)
+        torch.testing.assert_close(adjusted.all_logits(seq), plain.all_logits(seq))
+        adjusted.adjust_tau.zero_()
+        torch.testing.assert_close(adjusted.full_scores(seq), phi)
+    assert adjusted.state_dict()["adjust_tau"] == 0 and "adjust_tau" not in plain.state_dict()
+
+
+def test_logit_adjust_valid_chooses_tau_on_the_other_fold():
+    """--logit-adjust valid (gate_fit.cross_fit_gate): each fold is ranked under the tau whose
+    nDCG@10 is highest on the other fold's users, under the gate fit on that fold; the model
+    keeps the tau best over the cross-fitted ranks; the test column is never read. Checked
+    against ranks and nDCG computed here, tau by tau."""
+    import copy
+    import types
+
+    from evaluate import target_ranks
+    from dataset import history_before_target, split_sequences
+    from gate_fit import ADJUST_TAUS, cross_fit_gate, fit_gate
+
+    pad = make_pad(("id", "llm", "text"), "freq", seed=6, logit_adjust="valid")
+    g = gen(12)
+    seqs = torch.stack([torch.randperm(N, generator=g)[:L + 3] + 1 for _ in range(40)])
+    data = {"seqs": seqs, "n_items": N, "item_bucket": pad.bucket, "n_buckets": N_BUCKETS}
+    args = types.SimpleNamespace(seed=0, quiet=True, loss="ce", gate_fit_epochs=2, gate_fit_lr=0.1, gate_fit_batch_size=8,
+                                 gate_fit_negatives=4, gate_fit_folds=2, eval_batch_size=7, keep_repeated_targets=False,
+                                 logit_adjust="valid")
+    model = copy.deepcopy(pad)
+    ranks, curve = cross_fit_gate(model, data, args)
+    inputs, targets = split_sequences(seqs, "valid")
+    history = history_before_target(seqs, "valid")
+
+    def ndcg(r):
+        return sum(1 / math.log2(x + 2) for x in r.tolist() if x < 10) / len(r)
+
+    folds = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(0)).chunk(2)
+    per_tau = torch.empty(len(ADJUST_TAUS), len(seqs), dtype=torch.long)
+    for i, fold in enumerate(folds):
+        m = copy.deepcopy(pad)
+        fit_gate(m, data, args, users=folds[1 - i])
+        with torch.no_grad():
+            phi = m.full_scores(inputs)  # tau 0
+        log_freq = torch.log1p(torch.randint(0, 50, (N + 1,), generator=gen(6 + 300)).double()).float()  # make_pad's counts
+        r = torch.stack([target_ranks(phi - t * log_freq, targets, history) for t in ADJUST_TAUS])
+        best = max(range(len(ADJUST_TAUS)), key=lambda t: (ndcg(r[t, folds[1 - i]]), -t))
+        assert torch.equal(ranks[fold], r[best, fold])
+        per_tau[:, fold] = r[:, fold]
+    scores = [ndcg(per_tau[t]) for t in range(len(ADJUST_TAUS))]
+    assert [curve[t] for t in ADJUST_TAUS] == pytest.approx([100 * v for v in scores])
+    assert model.adjust_tau.item() == ADJUST_TAUS[max(range(len(scores)), key=lambda t: (scores[t], -t))]
+    other = seqs.clone()
+    other[:, -1] = torch.tensor([next(i for i in range(1, N + 1) if i not in s) for s in seqs])  # test items replaced
+    model2 = copy.deepcopy(pad)
+    ranks2, curve2 = cross_fit_gate(model2, {**data, "seqs": other}, args)
+    assert torch.equal(ranks, ranks2) and curve == curve2 and model.adjust_tau == model2.adjust_tau
+
+
 @pytest.mark.parametrize("loss", ["bce", "ce"])
 @pytest.mark.parametrize("gate_kind", GATES)
 def test_gate_fit_on_validation_never_reads_the_test_column(loss, gate_kind):
@@ -753,7 +821,7 @@ def test_gate_fit_on_validation_never_reads_the_test_column(loss, gate_kind):
 
     def fitted(seqs):
         model = copy.deepcopy(pad)
-        ranks = cross_fit_gate(model, {**data, "seqs": seqs}, args)
+        ranks, _ = cross_fit_gate(model, {**data, "seqs": seqs}, args)
         return ranks, {k: v for k, v in model.state_dict().items() if k.startswith("gate.") or k in ("bias", "log_temp") or "log_scale" in k}
 
     ranks, params = fitted(seqs)

@@ -547,8 +547,9 @@ def test_text_norm_flows_from_phase_2_and_a_mismatch_is_refused(work, dataset, p
 
 
 def test_a_flag_an_older_run_did_not_record_is_a_difference():
-    """A run made before a flag existed is not reused under it (its value is not guessed);
-    a flag free to differ (SAME_RUN_FREE) never counts."""
+    """A run made before a flag existed is not reused under it (its value is not guessed),
+    unless ADDED_LATER records the value the code ran with before the flag; a flag free to
+    differ (SAME_RUN_FREE) never counts."""
     from runs import SAME_RUN_FREE, flag_diff
 
     older = {"lr": 1e-3, "seed": 0}  # made before --text-norm existed
@@ -556,6 +557,8 @@ def test_a_flag_an_older_run_did_not_record_is_a_difference():
     assert flag_diff({**older, "text_norm": "none"}, {"lr": 1e-3, "seed": 0, "text_norm": "standard"}, ()) == \
         ["--text-norm none (now standard)"]
     assert flag_diff(older, {**older, "threads": 2}, SAME_RUN_FREE) == []
+    assert flag_diff(older, {**older, "logit_adjust": 0, "bucket_temp": False}, ()) == []  # off before they existed
+    assert flag_diff(older, {**older, "logit_adjust": "valid"}, ()) == ["--logit-adjust 0 (now valid)"]
 
 
 def test_text_layers_shape_f_mlp_and_flow_from_phase_2(work, dataset, phase1):
@@ -681,6 +684,32 @@ def test_mix_prob_gate_fit_and_its_refusals(work, dataset):
     assert ckpt["model_args"]["mix"] == "prob" and metrics["best_epoch"] == 0
     assert ckpt["state"]["log_sharpness"].abs().min() > 0  # each expert's sharpness fit with the gate, from 0
     assert evaluate_cli("--ckpt", path)["nDCG@10"] == pytest.approx(metrics["test"]["nDCG@10"], abs=1e-4)
+
+
+def test_logit_adjust_valid_end_to_end(work, dataset, phase1, phase2):
+    """finetune.py --logit-adjust valid: refused without a gate fit on validation and for a
+    negative tau, in one line; with --gate-fit valid-only the run keeps a tau of the grid, the
+    one with the highest cross-fitted validation nDCG@10 in its JSON, and evaluate.py ranks
+    the checkpoint under that tau as the run did."""
+    from gate_fit import ADJUST_TAUS
+    from runs import adjust_tag
+
+    common = ["--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", phase2[0], "--experts", "id,align,text",
+              "--gate-fit-epochs", "2", "--eval-batch-size", "7"]
+    refused(run("finetune.py", *common, "--logit-adjust", "valid", *TRAIN, "--out", work / "unused.pt", ok=False),
+            "--logit-adjust valid", "--gate-fit valid")
+    r = run("finetune.py", *common, "--logit-adjust", "-1", "--out", work / "unused.pt", ok=False)  # argparse's usage line
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--logit-adjust '-1': a number >= 0" in r.stderr
+    path = work / "finetune_lavalid.pt"
+    r = run("finetune.py", *common, "--gate-fit", "valid-only", "--logit-adjust", "valid", "--out", path)
+    ckpt, metrics = load(path), json.loads(path.with_suffix(".json").read_text())
+    curve = {float(t): v for t, v in metrics["logit_adjust_valid_nDCG@10"].items()}
+    assert list(curve) == list(ADJUST_TAUS) and "--logit-adjust valid: tau" in r.stdout
+    tau = max(curve, key=lambda t: (curve[t], -t))
+    assert metrics["logit_adjust_tau"] == tau and ckpt["state"]["adjust_tau"].item() == pytest.approx(tau)
+    assert ckpt["model_args"]["logit_adjust"] == "valid"
+    assert evaluate_cli("--ckpt", path)["nDCG@10"] == pytest.approx(metrics["test"]["nDCG@10"], abs=1e-4)
+    assert (adjust_tag(0), adjust_tag(0.2), adjust_tag("valid")) == ("", "-la0.2", "-lavalid")
 
 
 def test_gate_fit_valid_only_trains_the_gate_alone(work, dataset, phase1, phase2):
