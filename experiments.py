@@ -98,6 +98,8 @@ PHASE3 = {
         "", [], {"experts": "id,align,llm,text", "gate": "bucket"}),
     "the recipe + logit adjustment, τ chosen on validation (--logit-adjust valid)": (
         "", [], {"experts": "id,align,llm,text", "logit_adjust": "valid"}),
+    "the recipe + logit adjustment, the largest τ within one standard error of the best (--logit-adjust valid-1se)": (
+        "", [], {"experts": "id,align,llm,text", "logit_adjust": "valid-1se"}),
     "phase 3 trained (Alg. 1), gate refit on valid": ("", [], {"gate_fit": "valid"}),
     "phase 3, experts at lr 1e-4, gate refit on valid": ("elr1e-4", EXPERT_LR, {"gate_fit": "valid"}),
     "phase 3, each expert's own loss too (--aux-weight 1), gate refit on valid": ("aux1", AUX, {"gate_fit": "valid"}),
@@ -421,7 +423,7 @@ def rows(exp, panels):
                             "valid cold HR@10": m["valid"]["groups"]["cold"]["HR@10"],
                             "best_epoch": m["best_epoch"],
                             **({"gate_per_bucket": m["gate_per_bucket"]} if "gate_per_bucket" in m else {}),
-                            **({"logit_adjust_tau": m["logit_adjust_tau"]} if "logit_adjust_tau" in m else {})})
+                            **{k: v for k, v in m.items() if k.startswith("logit_adjust_")}})  # tau, its curves
     return out
 
 

@@ -15,7 +15,7 @@ import torch
 
 from dataset import split_sequences
 from evaluate import protocol
-from gate_fit import cross_fit_gate
+from gate_fit import ADJUST_RULES, cross_fit_gate
 from models import ALL_EXPERTS, BACKBONES, EXPERTS, GATE_INITS, GATES, MIXES, build_model
 from runs import GATE_FITS, TEXT_FLAGS, adjust_tag, model_from_checkpoint, phase3_inputs, reuse_finished, run_path, text_of
 from trainer import (K, add_text_args, add_training_args, finish, fit, is_main_process, parse_args, parser, rec_loss,
@@ -63,9 +63,10 @@ def flags():
     beyond.add_argument("--mix", default="logit", choices=MIXES,
                         help="logit: Eq. (11), the gate mixes the experts' logits; prob: their softmax distributions "
                              "over all items (models.PAD.mix_probabilities; needs --loss ce)")
-    beyond.add_argument("--logit-adjust", type=parse_adjust, default=0, metavar="TAU|valid",
-                        help="rank by Phi - TAU * log(1 + training count) (0: off); valid: TAU chosen on validation "
-                             "(gate_fit.ADJUST_TAUS, cross-fitted; needs --gate-fit valid or valid-only)")
+    beyond.add_argument("--logit-adjust", type=parse_adjust, default=0, metavar="TAU|valid|valid-1se",
+                        help="rank by Phi - TAU * log(1 + training count) (0: off); valid: the TAU of gate_fit.ADJUST_TAUS "
+                             "best on validation, valid-1se: the largest within one standard error of it (cross-fitted; "
+                             "both need --gate-fit valid or valid-only)")
     args = parse_args(p, "finetune")
     if args.llm_init and "llm" not in args.experts:
         raise SystemExit(f"--llm-init {args.llm_init}: seeds the LLM expert, which --experts {','.join(args.experts)} leaves out")
@@ -74,24 +75,24 @@ def flags():
                          "MOREC.pt (a baselines.py --method morec run), or leave llm out of --experts")
     if args.mix == "prob" and (args.loss != "ce" or args.ce_chunk):
         raise SystemExit("--mix prob mixes distributions over all items: it needs --loss ce without --ce-chunk")
-    if args.logit_adjust == "valid" and args.gate_fit == "train":
-        raise SystemExit("--logit-adjust valid chooses tau in the gate's cross-fit on validation: add --gate-fit valid "
-                         "(or valid-only), or give tau as a number")
+    if args.logit_adjust in ADJUST_RULES and args.gate_fit == "train":
+        raise SystemExit(f"--logit-adjust {args.logit_adjust} chooses tau in the gate's cross-fit on validation: add "
+                         f"--gate-fit valid (or valid-only), or give tau as a number")
     if args.gate_fit != "train" and args.gate_fit_folds < 2:
         raise SystemExit(f"--gate-fit-folds {args.gate_fit_folds}: the cross-fitted validation score needs at least 2 folds")
     return args
 
 
 def parse_adjust(text):
-    """--logit-adjust: 'valid' or a tau >= 0."""
-    if text == "valid":
+    """--logit-adjust: a rule of gate_fit.ADJUST_RULES or a tau >= 0."""
+    if text in ADJUST_RULES:
         return text
     try:
         tau = float(text)
     except ValueError:
         tau = -1.0
     if not tau >= 0:
-        raise argparse.ArgumentTypeError(f"--logit-adjust {text!r}: a number >= 0 (0: off) or 'valid'")
+        raise argparse.ArgumentTypeError(f"--logit-adjust {text!r}: a number >= 0 (0: off), {' or '.join(map(repr, ADJUST_RULES))}")
     return tau
 
 
@@ -166,9 +167,9 @@ def main():
     if not is_main_process():  # under torchrun, rank 0 tests and writes
         return
     # DEVIATION (--gate-fit valid, valid-only; beyond the paper): the gate refit on validation (gate_fit.py)
-    valid_ranks, curve = cross_fit_gate(model, data, args) if args.gate_fit != "train" else (None, None)
+    valid_ranks, curves = cross_fit_gate(model, data, args) if args.gate_fit != "train" else (None, None)
     adjust = {} if model.adjust_tau is None else {"logit_adjust_tau": model.adjust_tau.item(),
-                                                   **({"logit_adjust_valid_nDCG@10": curve} if curve else {})}
+                                                   **{f"logit_adjust_valid_{m}": c for m, c in (curves or {}).items()}}
     finish(model, model_args, data, args, 3, log, out, valid_ranks=valid_ranks,
            extra={"gate_per_bucket": gate_shares(model, data, args.experts), "init": paths, **adjust})
 

@@ -11,7 +11,7 @@ are scored on items none of them trained on. The test split is never read.
 """
 import torch
 
-from dataset import history_before_target, split_sequences
+from dataset import bucket_groups, history_before_target, split_sequences
 from evaluate import mask_seen, user_ranks
 from trainer import bce_loss, ce_loss, sample_negatives
 
@@ -28,11 +28,27 @@ def gate_params(model):
 # --logit-adjust valid: the taus tried (nDCG@10 on validation peaked at 0.1-0.2 on ml-100k,
 # Pantry and Beauty; the grid runs on to 1, the balanced-softmax correction)
 ADJUST_TAUS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
+ADJUST_RULES = ("valid", "valid-1se")  # --logit-adjust values that choose tau (choose_tau)
 
 
-def mean_ndcg(ranks, k=10):
-    """Mean nDCG@k over the last dimension of 0-based ranks (..., U)."""
-    return torch.where(ranks < k, 1 / torch.log2(ranks.double() + 2), 0.0).mean(-1)
+def user_ndcg(ranks, k=10):
+    """Each user's nDCG@k from 0-based ranks (..., U)."""
+    return torch.where(ranks < k, 1 / torch.log2(ranks.double() + 2), 0.0)
+
+
+def choose_tau(ndcg, rule):
+    """The index into ADJUST_TAUS that `rule` picks from each user's nDCG@10 under each tau,
+    (T, U). valid: the highest mean (ties: the smallest tau). valid-1se: the largest tau whose
+    mean is within one standard error of the best's, the error of the paired difference over
+    the users (the one-standard-error rule, leaning to the stronger correction: cold items rank
+    higher at a cost the users cannot tell from noise)."""
+    mean = ndcg.mean(-1)
+    best = int(mean.argmax())  # the first of equal maxima: the smallest tau
+    if rule == "valid":
+        return best
+    diff = ndcg - ndcg[best]  # (T, U), paired per user
+    se = diff.std(-1) / diff.shape[-1] ** 0.5
+    return int((mean - mean[best] >= -se).nonzero().max())
 
 
 def cross_fit_gate(model, data, args):
@@ -40,15 +56,15 @@ def cross_fit_gate(model, data, args):
     users are cut into --gate-fit-folds random folds, each ranked by a gate fit on the other
     folds from the same start. The model keeps the gate fit on every validation user.
 
-    --logit-adjust valid (models.PAD.logit_adjust): each fold is ranked under the tau of
-    ADJUST_TAUS with the highest nDCG@10 on the other folds' users, under the gate fit on them,
-    so the choice of tau is cross-fitted too; the model keeps the tau with the highest nDCG@10
-    over every user's cross-fitted rank. Returns (the cross-fitted validation ranks (U,),
-    {tau: cross-fitted validation nDCG@10} or None)."""
+    --logit-adjust valid / valid-1se (models.PAD.logit_adjust): each fold is ranked under the
+    tau of ADJUST_TAUS that the rule (choose_tau) picks from the other folds' users, under the
+    gate fit on them, so the choice of tau is cross-fitted too; the model keeps the tau the rule
+    picks from every user's cross-fitted rank. Returns (the cross-fitted validation ranks (U,),
+    None or, per metric, {tau: its cross-fitted validation value}: nDCG@10 and cold HR@10)."""
     start = [w.detach().clone() for w in gate_params(model)]
     n_users = len(data["seqs"])
     folds = torch.randperm(n_users, generator=torch.Generator().manual_seed(args.seed)).chunk(args.gate_fit_folds)
-    choose = getattr(args, "logit_adjust", 0) == "valid"
+    choose = getattr(args, "logit_adjust", 0) in ADJUST_RULES
     if choose:
         model.adjust_tau.zero_()
         offsets = -torch.tensor(ADJUST_TAUS)[:, None] * model.log_freq  # (T, N+1)
@@ -60,7 +76,7 @@ def cross_fit_gate(model, data, args):
         if choose:  # every user under every tau: the fit users choose tau, the fold is ranked with it
             r = user_ranks(model, data, "valid", args.eval_batch_size, args.keep_repeated_targets, offsets=offsets)
             per_tau[:, fold] = r[:, fold]
-            ranks[fold] = r[mean_ndcg(r[:, fit_users]).argmax(), fold]  # ties: the smallest tau
+            ranks[fold] = r[choose_tau(user_ndcg(r[:, fit_users]), args.logit_adjust), fold]
         else:
             ranks[fold] = user_ranks(model, data, "valid", args.eval_batch_size, args.keep_repeated_targets, users=fold)
         with torch.no_grad():
@@ -69,11 +85,16 @@ def cross_fit_gate(model, data, args):
     fit_gate(model, data, args)
     if not choose:
         return ranks, None
-    curve = mean_ndcg(per_tau)  # (T,)
-    model.adjust_tau.fill_(ADJUST_TAUS[curve.argmax()])
-    print(f"--logit-adjust valid: tau {model.adjust_tau.item():g}; cross-fitted validation nDCG@10 per tau "
-          + " ".join(f"{t:g}:{100 * v:.2f}" for t, v in zip(ADJUST_TAUS, curve.tolist())), flush=True)
-    return ranks, {t: 100 * v for t, v in zip(ADJUST_TAUS, curve.tolist())}
+    ndcg = user_ndcg(per_tau)  # (T, U)
+    model.adjust_tau.fill_(ADJUST_TAUS[choose_tau(ndcg, args.logit_adjust)])
+    _, targets = split_sequences(data["seqs"], "valid")
+    cold = torch.isin(data["item_bucket"][targets], torch.tensor(bucket_groups(data["n_buckets"])["cold"]))
+    curves = {"nDCG@10": ndcg.mean(-1), "cold HR@10": (per_tau[:, cold] < 10).double().mean(-1)}
+    curves = {m: {t: 100 * v for t, v in zip(ADJUST_TAUS, c.tolist())} for m, c in curves.items()}
+    print(f"--logit-adjust {args.logit_adjust}: tau {model.adjust_tau.item():g}; cross-fitted validation "
+          "nDCG@10 / cold HR@10 per tau " + " ".join(f"{t:g}:{v:.2f}/{curves['cold HR@10'][t]:.2f}"
+                                                      for t, v in curves["nDCG@10"].items()), flush=True)
+    return ranks, curves
 
 
 def fit_gate(model, data, args, users=None):

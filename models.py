@@ -492,7 +492,7 @@ class PAD(nn.Module):
         self.log_sharpness = nn.Parameter(torch.zeros(len(experts))) if mix == "prob" else None  # --mix prob: s_k
         self.log_temp = nn.Parameter(torch.zeros(n_buckets + 1)) if bucket_temp else None  # DEVIATION: tau per bucket
         # DEVIATION (--logit-adjust): tau (saved), and log(1 + n_i) per item, (N+1,); None without it
-        tau = None if not logit_adjust else torch.tensor(0.0 if logit_adjust == "valid" else float(logit_adjust))
+        tau = None if not logit_adjust else torch.tensor(0.0 if isinstance(logit_adjust, str) else float(logit_adjust))
         self.register_buffer("adjust_tau", tau)
         self.register_buffer("log_freq", torch.log1p(item_freq.float()) if logit_adjust else None, persistent=False)
 

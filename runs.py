@@ -34,8 +34,8 @@ GATE_FITS = {"train": "", "valid": "-validfit", "valid-only": "-validonly"}  # f
 
 
 def adjust_tag(logit_adjust):
-    """finetune.py --logit-adjust in the run name: '' (off), -la0.2, -lavalid."""
-    return "" if not logit_adjust else f"-la{logit_adjust:g}" if logit_adjust != "valid" else "-lavalid"
+    """finetune.py --logit-adjust in the run name: '' (off), -la0.2, -lavalid, -lavalid-1se."""
+    return "" if not logit_adjust else f"-la{logit_adjust}" if isinstance(logit_adjust, str) else f"-la{logit_adjust:g}"
 
 
 # How f_MLP (Eq. 7) reads the text table: (flag, args key, align.py's default)

@@ -770,7 +770,7 @@ def test_logit_adjust_valid_chooses_tau_on_the_other_fold():
                                  gate_fit_negatives=4, gate_fit_folds=2, eval_batch_size=7, keep_repeated_targets=False,
                                  logit_adjust="valid")
     model = copy.deepcopy(pad)
-    ranks, curve = cross_fit_gate(model, data, args)
+    ranks, curves = cross_fit_gate(model, data, args)
     inputs, targets = split_sequences(seqs, "valid")
     history = history_before_target(seqs, "valid")
 
@@ -790,13 +790,45 @@ def test_logit_adjust_valid_chooses_tau_on_the_other_fold():
         assert torch.equal(ranks[fold], r[best, fold])
         per_tau[:, fold] = r[:, fold]
     scores = [ndcg(per_tau[t]) for t in range(len(ADJUST_TAUS))]
-    assert [curve[t] for t in ADJUST_TAUS] == pytest.approx([100 * v for v in scores])
+    assert [curves["nDCG@10"][t] for t in ADJUST_TAUS] == pytest.approx([100 * v for v in scores])
+    cold = [u for u in range(len(seqs)) if pad.bucket[targets[u]] >= 8]  # buckets 8-10 of 10
+    assert cold and [curves["cold HR@10"][t] for t in ADJUST_TAUS] == pytest.approx(
+        [100 * sum(per_tau[t, u].item() < 10 for u in cold) / len(cold) for t in range(len(ADJUST_TAUS))])
     assert model.adjust_tau.item() == ADJUST_TAUS[max(range(len(scores)), key=lambda t: (scores[t], -t))]
     other = seqs.clone()
     other[:, -1] = torch.tensor([next(i for i in range(1, N + 1) if i not in s) for s in seqs])  # test items replaced
     model2 = copy.deepcopy(pad)
-    ranks2, curve2 = cross_fit_gate(model2, {**data, "seqs": other}, args)
-    assert torch.equal(ranks, ranks2) and curve == curve2 and model.adjust_tau == model2.adjust_tau
+    ranks2, curves2 = cross_fit_gate(model2, {**data, "seqs": other}, args)
+    assert torch.equal(ranks, ranks2) and curves == curves2 and model.adjust_tau == model2.adjust_tau
+
+
+def test_one_standard_error_rule_picks_the_largest_tau_within_it():
+    """gate_fit.choose_tau: valid is the best mean (ties: the smallest tau); valid-1se the
+    largest tau whose mean is within one standard error of the paired difference to the best,
+    checked against statistics.stdev on made per-user scores."""
+    import statistics
+
+    from gate_fit import choose_tau
+
+    g = gen(21)
+    ndcg = torch.rand(6, 50, generator=g, dtype=torch.float64)
+    ndcg[2] += 0.2  # the best
+    noise = 0.05 * torch.randn(50, generator=g, dtype=torch.float64)
+    noise -= noise.mean()  # paired difference: mean exactly the shift, standard error about 0.007
+    ndcg[3] = ndcg[2] - 0.03 + noise  # below by more than one error
+    ndcg[4] = ndcg[2] - 0.002 + noise  # within it, though tau 3 is not
+    ndcg[5] = ndcg[2] - 0.5
+    best = max(range(6), key=lambda t: (ndcg[t].mean().item(), -t))
+    assert choose_tau(ndcg, "valid") == best == 2
+
+    def within(t):
+        diff = (ndcg[t] - ndcg[best]).tolist()
+        return statistics.mean(diff) >= -statistics.stdev(diff) / len(diff) ** 0.5
+
+    assert within(4) and not within(3) and not within(5)
+    assert choose_tau(ndcg, "valid-1se") == max(t for t in range(6) if within(t)) == 4
+    tied = torch.stack([ndcg[2], ndcg[2], ndcg[5]])
+    assert (choose_tau(tied, "valid"), choose_tau(tied, "valid-1se")) == (0, 1)
 
 
 @pytest.mark.parametrize("loss", ["bce", "ce"])

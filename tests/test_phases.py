@@ -709,7 +709,17 @@ def test_logit_adjust_valid_end_to_end(work, dataset, phase1, phase2):
     assert metrics["logit_adjust_tau"] == tau and ckpt["state"]["adjust_tau"].item() == pytest.approx(tau)
     assert ckpt["model_args"]["logit_adjust"] == "valid"
     assert evaluate_cli("--ckpt", path)["nDCG@10"] == pytest.approx(metrics["test"]["nDCG@10"], abs=1e-4)
-    assert (adjust_tag(0), adjust_tag(0.2), adjust_tag("valid")) == ("", "-la0.2", "-lavalid")
+    assert list(map(float, metrics["logit_adjust_valid_cold HR@10"])) == list(ADJUST_TAUS)
+    # valid-1se: the one-standard-error rule keeps the best tau or a larger one, from the same curves
+    refused(run("finetune.py", *common, "--logit-adjust", "valid-1se", *TRAIN, "--out", work / "unused.pt", ok=False),
+            "--logit-adjust valid-1se", "--gate-fit valid")
+    path = work / "finetune_lavalid-1se.pt"
+    run("finetune.py", *common, "--gate-fit", "valid-only", "--logit-adjust", "valid-1se", "--out", path)
+    one_se = json.loads(path.with_suffix(".json").read_text())
+    assert one_se["logit_adjust_valid_nDCG@10"] == metrics["logit_adjust_valid_nDCG@10"]  # same cross-fit, same curve
+    assert one_se["logit_adjust_tau"] >= tau and load(path)["model_args"]["logit_adjust"] == "valid-1se"
+    assert (adjust_tag(0), adjust_tag(0.2), adjust_tag("valid"), adjust_tag("valid-1se")) == (
+        "", "-la0.2", "-lavalid", "-lavalid-1se")
 
 
 def test_gate_fit_valid_only_trains_the_gate_alone(work, dataset, phase1, phase2):
