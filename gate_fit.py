@@ -11,8 +11,8 @@ are scored on items none of them trained on. The test split is never read.
 """
 import torch
 
-from dataset import bucket_groups, history_before_target, split_sequences
-from evaluate import mask_seen, user_ranks
+from dataset import history_before_target, split_sequences
+from evaluate import mask_seen, summarise_ranks, user_ranks
 from trainer import bce_loss, ce_loss, sample_negatives
 
 
@@ -87,10 +87,8 @@ def cross_fit_gate(model, data, args):
         return ranks, None
     ndcg = user_ndcg(per_tau)  # (T, U)
     model.adjust_tau.fill_(ADJUST_TAUS[choose_tau(ndcg, args.logit_adjust)])
-    _, targets = split_sequences(data["seqs"], "valid")
-    cold = torch.isin(data["item_bucket"][targets], torch.tensor(bucket_groups(data["n_buckets"])["cold"]))
-    curves = {"nDCG@10": ndcg.mean(-1), "cold HR@10": (per_tau[:, cold] < 10).double().mean(-1)}
-    curves = {m: {t: 100 * v for t, v in zip(ADJUST_TAUS, c.tolist())} for m, c in curves.items()}
+    cold = [summarise_ranks(r, data, "valid")["groups"]["cold"]["HR@10"] for r in per_tau]  # in %
+    curves = {"nDCG@10": dict(zip(ADJUST_TAUS, (100 * ndcg.mean(-1)).tolist())), "cold HR@10": dict(zip(ADJUST_TAUS, cold))}
     print(f"--logit-adjust {args.logit_adjust}: tau {model.adjust_tau.item():g}; cross-fitted validation "
           "nDCG@10 / cold HR@10 per tau " + " ".join(f"{t:g}:{v:.2f}/{curves['cold HR@10'][t]:.2f}"
                                                       for t, v in curves["nDCG@10"].items()), flush=True)
