@@ -100,6 +100,8 @@ PHASE3 = {
         "", [], {"experts": "id,align,llm,text", "logit_adjust": "valid"}),
     "the recipe + logit adjustment, the largest τ within one standard error of the best (--logit-adjust valid-1se)": (
         "", [], {"experts": "id,align,llm,text", "logit_adjust": "valid-1se"}),
+    "the recipe + logit adjustment, the smallest τ whose cold HR@10 reaches text-kNN's (--logit-adjust valid-cold)": (
+        "", [], {"experts": "id,align,llm,text", "logit_adjust": "valid-cold"}),
     "phase 3 trained (Alg. 1), gate refit on valid": ("", [], {"gate_fit": "valid"}),
     "phase 3, experts at lr 1e-4, gate refit on valid": ("elr1e-4", EXPERT_LR, {"gate_fit": "valid"}),
     "phase 3, each expert's own loss too (--aux-weight 1), gate refit on valid": ("aux1", AUX, {"gate_fit": "valid"}),

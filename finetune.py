@@ -63,10 +63,11 @@ def flags():
     beyond.add_argument("--mix", default="logit", choices=MIXES,
                         help="logit: Eq. (11), the gate mixes the experts' logits; prob: their softmax distributions "
                              "over all items (models.PAD.mix_probabilities; needs --loss ce)")
-    beyond.add_argument("--logit-adjust", type=parse_adjust, default=0, metavar="TAU|valid|valid-1se",
+    beyond.add_argument("--logit-adjust", type=parse_adjust, default=0, metavar="TAU|valid|valid-1se|valid-cold",
                         help="rank by Phi - TAU * log(1 + training count) (0: off); valid: the TAU of gate_fit.ADJUST_TAUS "
-                             "best on validation, valid-1se: the largest within one standard error of it (cross-fitted; "
-                             "both need --gate-fit valid or valid-only)")
+                             "best on validation, valid-1se: the largest within one standard error of it, valid-cold: the "
+                             "smallest whose cold HR@10 reaches text-kNN's (cross-fitted; each needs --gate-fit valid or "
+                             "valid-only)")
     args = parse_args(p, "finetune")
     if args.llm_init and "llm" not in args.experts:
         raise SystemExit(f"--llm-init {args.llm_init}: seeds the LLM expert, which --experts {','.join(args.experts)} leaves out")

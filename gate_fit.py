@@ -11,8 +11,9 @@ are scored on items none of them trained on. The test split is never read.
 """
 import torch
 
-from dataset import history_before_target, split_sequences
+from dataset import bucket_groups, history_before_target, split_sequences
 from evaluate import mask_seen, summarise_ranks, user_ranks
+from models import TextKNN
 from trainer import bce_loss, ce_loss, sample_negatives
 
 
@@ -28,7 +29,7 @@ def gate_params(model):
 # --logit-adjust valid: the taus tried (nDCG@10 on validation peaked at 0.1-0.2 on ml-100k,
 # Pantry and Beauty; the grid runs on to 1, the balanced-softmax correction)
 ADJUST_TAUS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
-ADJUST_RULES = ("valid", "valid-1se")  # --logit-adjust values that choose tau (choose_tau)
+ADJUST_RULES = ("valid", "valid-1se", "valid-cold")  # --logit-adjust values that choose tau (choose_tau)
 
 
 def user_ndcg(ranks, k=10):
@@ -36,19 +37,33 @@ def user_ndcg(ranks, k=10):
     return torch.where(ranks < k, 1 / torch.log2(ranks.double() + 2), 0.0)
 
 
-def choose_tau(ndcg, rule):
+def choose_tau(ndcg, rule, cold_hit=None, floor=None):
     """The index into ADJUST_TAUS that `rule` picks from each user's nDCG@10 under each tau,
     (T, U). valid: the highest mean (ties: the smallest tau). valid-1se: the largest tau whose
     mean is within one standard error of the best's, the error of the paired difference over
     the users (the one-standard-error rule, leaning to the stronger correction: cold items rank
-    higher at a cost the users cannot tell from noise)."""
+    higher at a cost the users cannot tell from noise). valid-cold: the smallest tau whose cold
+    HR@10 reaches `floor`, the text-kNN floor's on the same cold users (cold_hit (T, C): their
+    hits in the top 10); the tau with the most cold hits when none reaches it, valid's when there
+    are no cold users."""
     mean = ndcg.mean(-1)
     best = int(mean.argmax())  # the first of equal maxima: the smallest tau
-    if rule == "valid":
+    if rule == "valid" or (rule == "valid-cold" and cold_hit.shape[-1] == 0):
         return best
+    if rule == "valid-cold":
+        cold = cold_hit.double().mean(-1)  # (T,)
+        reached = (cold >= floor).nonzero()
+        return int(reached.min()) if len(reached) else int(cold.argmax())
     diff = ndcg - ndcg[best]  # (T, U), paired per user
     se = diff.std(-1) / diff.shape[-1] ** 0.5
     return int((mean - mean[best] >= -se).nonzero().max())
+
+
+def cold_targets(data, split="valid"):
+    """(U,) bool: the users whose `split` target is a cold item (dataset.bucket_groups)."""
+    _, targets = split_sequences(data["seqs"], split)
+    cold = torch.tensor(list(bucket_groups(data["n_buckets"])["cold"]))
+    return torch.isin(data["item_bucket"][targets], cold)
 
 
 def cross_fit_gate(model, data, args):
@@ -56,42 +71,53 @@ def cross_fit_gate(model, data, args):
     users are cut into --gate-fit-folds random folds, each ranked by a gate fit on the other
     folds from the same start. The model keeps the gate fit on every validation user.
 
-    --logit-adjust valid / valid-1se (models.PAD.logit_adjust): each fold is ranked under the
-    tau of ADJUST_TAUS that the rule (choose_tau) picks from the other folds' users, under the
-    gate fit on them, so the choice of tau is cross-fitted too; the model keeps the tau the rule
-    picks from every user's cross-fitted rank. Returns (the cross-fitted validation ranks (U,),
-    None or, per metric, {tau: its cross-fitted validation value}: nDCG@10 and cold HR@10)."""
+    --logit-adjust valid / valid-1se / valid-cold (models.PAD.logit_adjust): each fold is ranked
+    under the tau of ADJUST_TAUS that the rule (choose_tau) picks from the other folds' users,
+    under the gate fit on them, so the choice of tau is cross-fitted too; the model keeps the tau
+    the rule picks from every user's cross-fitted rank. valid-cold's floor is text-kNN's
+    (models.TextKNN, nothing fit) cold HR@10 on the same users. Returns (the cross-fitted
+    validation ranks (U,), None or, per metric, {tau: its cross-fitted validation value}:
+    nDCG@10 and cold HR@10, and "text-kNN cold HR@10": the floor's, one number)."""
     start = [w.detach().clone() for w in gate_params(model)]
     n_users = len(data["seqs"])
     folds = torch.randperm(n_users, generator=torch.Generator().manual_seed(args.seed)).chunk(args.gate_fit_folds)
-    choose = getattr(args, "logit_adjust", 0) in ADJUST_RULES
-    if choose:
+    adjust = getattr(args, "logit_adjust", 0) in ADJUST_RULES
+    if adjust:
         model.adjust_tau.zero_()
         offsets = -torch.tensor(ADJUST_TAUS)[:, None] * model.log_freq  # (T, N+1)
         per_tau = torch.empty(len(ADJUST_TAUS), n_users, dtype=torch.long)  # cross-fitted, under each tau
+        cold = cold_targets(data, "valid")
+        text_hit = user_ranks(TextKNN(data["text_emb"]).to(model.log_freq.device), data, "valid",
+                              args.eval_batch_size, args.keep_repeated_targets) < 10  # (U,), the floor's
+
+        def choose(r, users):  # the rule's tau index from the ranks r (T, len(users)) of `users`
+            c = cold[users]
+            return choose_tau(user_ndcg(r), args.logit_adjust, r[:, c] < 10, text_hit[users][c].double().mean())
     ranks = torch.empty(n_users, dtype=torch.long)
     for i, fold in enumerate(folds):
         fit_users = torch.cat([f for j, f in enumerate(folds) if j != i])
         fit_gate(model, data, args, users=fit_users)
-        if choose:  # every user under every tau: the fit users choose tau, the fold is ranked with it
+        if adjust:  # every user under every tau: the fit users choose tau, the fold is ranked with it
             r = user_ranks(model, data, "valid", args.eval_batch_size, args.keep_repeated_targets, offsets=offsets)
             per_tau[:, fold] = r[:, fold]
-            ranks[fold] = r[choose_tau(user_ndcg(r[:, fit_users]), args.logit_adjust), fold]
+            ranks[fold] = r[choose(r[:, fit_users], fit_users), fold]
         else:
             ranks[fold] = user_ranks(model, data, "valid", args.eval_batch_size, args.keep_repeated_targets, users=fold)
         with torch.no_grad():
             for w, w0 in zip(gate_params(model), start):
                 w.copy_(w0)
     fit_gate(model, data, args)
-    if not choose:
+    if not adjust:
         return ranks, None
     ndcg = user_ndcg(per_tau)  # (T, U)
-    model.adjust_tau.fill_(ADJUST_TAUS[choose_tau(ndcg, args.logit_adjust)])
-    cold = [summarise_ranks(r, data, "valid")["groups"]["cold"]["HR@10"] for r in per_tau]  # in %
-    curves = {"nDCG@10": dict(zip(ADJUST_TAUS, (100 * ndcg.mean(-1)).tolist())), "cold HR@10": dict(zip(ADJUST_TAUS, cold))}
+    model.adjust_tau.fill_(ADJUST_TAUS[choose(per_tau, torch.arange(n_users))])
+    cold_hr = [summarise_ranks(r, data, "valid")["groups"]["cold"]["HR@10"] for r in per_tau]  # in %
+    curves = {"nDCG@10": dict(zip(ADJUST_TAUS, (100 * ndcg.mean(-1)).tolist())), "cold HR@10": dict(zip(ADJUST_TAUS, cold_hr)),
+              "text-kNN cold HR@10": 100 * text_hit[cold].double().mean().item()}
     print(f"--logit-adjust {args.logit_adjust}: tau {model.adjust_tau.item():g}; cross-fitted validation "
           "nDCG@10 / cold HR@10 per tau " + " ".join(f"{t:g}:{v:.2f}/{curves['cold HR@10'][t]:.2f}"
-                                                      for t, v in curves["nDCG@10"].items()), flush=True)
+                                                      for t, v in curves["nDCG@10"].items())
+          + f"; text-kNN's cold HR@10 {curves['text-kNN cold HR@10']:.2f}", flush=True)
     return ranks, curves
 
 

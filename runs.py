@@ -34,7 +34,7 @@ GATE_FITS = {"train": "", "valid": "-validfit", "valid-only": "-validonly"}  # f
 
 
 def adjust_tag(logit_adjust):
-    """finetune.py --logit-adjust in the run name: '' (off), -la0.2, -lavalid, -lavalid-1se."""
+    """finetune.py --logit-adjust in the run name: '' (off), -la0.2, -lavalid, -lavalid-1se, -lavalid-cold."""
     return "" if not logit_adjust else f"-la{logit_adjust}" if isinstance(logit_adjust, str) else f"-la{logit_adjust:g}"
 
 

@@ -750,32 +750,50 @@ def test_logit_adjustment_shifts_ranking_scores_only():
     assert adjusted.state_dict()["adjust_tau"] == 0 and "adjust_tau" not in plain.state_dict()
 
 
-def test_logit_adjust_valid_chooses_tau_on_the_other_fold():
-    """--logit-adjust valid (gate_fit.cross_fit_gate): each fold is ranked under the tau whose
-    nDCG@10 is highest on the other fold's users, under the gate fit on that fold; the model
-    keeps the tau best over the cross-fitted ranks; the test column is never read. Checked
-    against ranks and nDCG computed here, tau by tau."""
+@pytest.mark.parametrize("rule", ["valid", "valid-cold"])
+def test_logit_adjust_rule_chooses_tau_on_the_other_fold(rule):
+    """--logit-adjust valid / valid-cold (gate_fit.cross_fit_gate): each fold is ranked under the
+    tau the rule picks on the other fold's users, under the gate fit on that fold (valid: the
+    highest nDCG@10; valid-cold: the smallest tau whose cold HR@10 reaches text-kNN's on those
+    users, text-kNN's cosine to the last item computed here); the model keeps the tau the rule
+    picks from the cross-fitted ranks; the test column is never read. Checked against ranks,
+    nDCG and hits computed here, tau by tau."""
     import copy
     import types
 
-    from evaluate import target_ranks
     from dataset import history_before_target, split_sequences
     from gate_fit import ADJUST_TAUS, cross_fit_gate, fit_gate
 
-    pad = make_pad(("id", "llm", "text"), "freq", seed=6, logit_adjust="valid")
+    pad = make_pad(("id", "llm", "text"), "freq", seed=6, logit_adjust=rule)
     g = gen(12)
     seqs = torch.stack([torch.randperm(N, generator=g)[:L + 3] + 1 for _ in range(40)])
-    data = {"seqs": seqs, "n_items": N, "item_bucket": pad.bucket, "n_buckets": N_BUCKETS}
+    seqs[:20] = (torch.randint(0, N, (20, 1), generator=gen(13)) + torch.arange(L + 3)) % N + 1  # walks round a circle
+    angle = 2 * math.pi * torch.arange(N + 1) / N
+    text = torch.stack([angle.cos(), angle.sin()], -1)  # the circle: text-kNN finds the walkers' next item
+    text[0] = 0
+    data = {"seqs": seqs, "n_items": N, "item_bucket": pad.bucket, "n_buckets": N_BUCKETS, "text_emb": text}
     args = types.SimpleNamespace(seed=0, quiet=True, loss="ce", gate_fit_epochs=2, gate_fit_lr=0.1, gate_fit_batch_size=8,
                                  gate_fit_negatives=4, gate_fit_folds=2, eval_batch_size=7, keep_repeated_targets=False,
-                                 logit_adjust="valid")
+                                 logit_adjust=rule)
     model = copy.deepcopy(pad)
     ranks, curves = cross_fit_gate(model, data, args)
     inputs, targets = split_sequences(seqs, "valid")
     history = history_before_target(seqs, "valid")
+    T = range(len(ADJUST_TAUS))
+    cold = [u for u in range(len(seqs)) if pad.bucket[targets[u]] >= 8]  # buckets 8-10 of 10
+    unit = text / text.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    text_hit = target_ranks(unit[inputs[:, -1]] @ unit.T, targets, history) < 10  # text-kNN, last item
 
     def ndcg(r):
         return sum(1 / math.log2(x + 2) for x in r.tolist() if x < 10) / len(r)
+
+    def pick(r, users):  # the rule on the ranks r (T, U) of these users
+        if rule == "valid":
+            return max(T, key=lambda t: (ndcg(r[t, users]), -t))
+        c = [u for u in users.tolist() if u in cold]
+        hits = [int((r[t, c] < 10).sum()) for t in T]
+        reached = [t for t in T if hits[t] >= int(text_hit[c].sum())]  # same users: counts compare as rates
+        return min(reached) if reached else max(T, key=lambda t: (hits[t], -t))
 
     folds = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(0)).chunk(2)
     per_tau = torch.empty(len(ADJUST_TAUS), len(seqs), dtype=torch.long)
@@ -786,15 +804,15 @@ def test_logit_adjust_valid_chooses_tau_on_the_other_fold():
             phi = m.full_scores(inputs)  # tau 0
         log_freq = torch.log1p(torch.randint(0, 50, (N + 1,), generator=gen(6 + 300)).double()).float()  # make_pad's counts
         r = torch.stack([target_ranks(phi - t * log_freq, targets, history) for t in ADJUST_TAUS])
-        best = max(range(len(ADJUST_TAUS)), key=lambda t: (ndcg(r[t, folds[1 - i]]), -t))
-        assert torch.equal(ranks[fold], r[best, fold])
+        assert torch.equal(ranks[fold], r[pick(r, folds[1 - i]), fold])
         per_tau[:, fold] = r[:, fold]
-    scores = [ndcg(per_tau[t]) for t in range(len(ADJUST_TAUS))]
+    scores = [ndcg(per_tau[t]) for t in T]
     assert [curves["nDCG@10"][t] for t in ADJUST_TAUS] == pytest.approx([100 * v for v in scores])
-    cold = [u for u in range(len(seqs)) if pad.bucket[targets[u]] >= 8]  # buckets 8-10 of 10
     assert cold and [curves["cold HR@10"][t] for t in ADJUST_TAUS] == pytest.approx(
-        [100 * sum(per_tau[t, u].item() < 10 for u in cold) / len(cold) for t in range(len(ADJUST_TAUS))])
-    assert model.adjust_tau.item() == ADJUST_TAUS[max(range(len(scores)), key=lambda t: (scores[t], -t))]
+        [100 * sum(per_tau[t, u].item() < 10 for u in cold) / len(cold) for t in T])
+    assert curves["text-kNN cold HR@10"] == pytest.approx(100 * text_hit[cold].double().mean().item())
+    assert model.adjust_tau.item() == pytest.approx(ADJUST_TAUS[pick(per_tau, torch.arange(len(seqs)))])
+    assert rule == "valid" or model.adjust_tau > 0  # the floor is above tau 0's cold HR@10 here
     other = seqs.clone()
     other[:, -1] = torch.tensor([next(i for i in range(1, N + 1) if i not in s) for s in seqs])  # test items replaced
     model2 = copy.deepcopy(pad)
@@ -805,7 +823,8 @@ def test_logit_adjust_valid_chooses_tau_on_the_other_fold():
 def test_one_standard_error_rule_picks_the_largest_tau_within_it():
     """gate_fit.choose_tau: valid is the best mean (ties: the smallest tau); valid-1se the
     largest tau whose mean is within one standard error of the paired difference to the best,
-    checked against statistics.stdev on made per-user scores."""
+    checked against statistics.stdev on made per-user scores; valid-cold the smallest tau whose
+    cold hit rate reaches the floor, on made hits."""
     import statistics
 
     from gate_fit import choose_tau
@@ -829,6 +848,11 @@ def test_one_standard_error_rule_picks_the_largest_tau_within_it():
     assert choose_tau(ndcg, "valid-1se") == max(t for t in range(6) if within(t)) == 4
     tied = torch.stack([ndcg[2], ndcg[2], ndcg[5]])
     assert (choose_tau(tied, "valid"), choose_tau(tied, "valid-1se")) == (0, 1)
+    # valid-cold: the smallest tau whose cold hit rate reaches the floor; the most hits if none does
+    hits = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 1, 0]])
+    assert [choose_tau(ndcg, "valid-cold", hits, f) for f in (0.0, 0.5, 0.75, 1.0)] == [0, 1, 2, 3]
+    assert choose_tau(ndcg, "valid-cold", hits[[0, 4, 1, 5]], 0.9) == 3  # none reaches: the most hits, first of ties
+    assert choose_tau(ndcg, "valid-cold", hits[:, :0], float("nan")) == best  # no cold users: valid's choice
 
 
 @pytest.mark.parametrize("loss", ["bce", "ce"])

@@ -690,7 +690,8 @@ def test_logit_adjust_valid_end_to_end(work, dataset, phase1, phase2):
     """finetune.py --logit-adjust valid: refused without a gate fit on validation and for a
     negative tau, in one line; with --gate-fit valid-only the run keeps a tau of the grid, the
     one with the highest cross-fitted validation nDCG@10 in its JSON, and evaluate.py ranks
-    the checkpoint under that tau as the run did."""
+    the checkpoint under that tau as the run did; valid-1se and valid-cold pick from the same
+    cross-fitted curves by their own rules."""
     from gate_fit import ADJUST_TAUS
     from runs import adjust_tag
 
@@ -718,8 +719,17 @@ def test_logit_adjust_valid_end_to_end(work, dataset, phase1, phase2):
     one_se = json.loads(path.with_suffix(".json").read_text())
     assert one_se["logit_adjust_valid_nDCG@10"] == metrics["logit_adjust_valid_nDCG@10"]  # same cross-fit, same curve
     assert one_se["logit_adjust_tau"] >= tau and load(path)["model_args"]["logit_adjust"] == "valid-1se"
-    assert (adjust_tag(0), adjust_tag(0.2), adjust_tag("valid"), adjust_tag("valid-1se")) == (
-        "", "-la0.2", "-lavalid", "-lavalid-1se")
+    # valid-cold: the smallest tau whose cross-fitted cold HR@10 reaches text-kNN's, from the same curves
+    path = work / "finetune_lavalid-cold.pt"
+    run("finetune.py", *common, "--gate-fit", "valid-only", "--logit-adjust", "valid-cold", "--out", path)
+    cold = json.loads(path.with_suffix(".json").read_text())
+    assert cold["logit_adjust_valid_cold HR@10"] == metrics["logit_adjust_valid_cold HR@10"]
+    curve, floor = {float(t): v for t, v in cold["logit_adjust_valid_cold HR@10"].items()}, cold["logit_adjust_valid_text-kNN cold HR@10"]
+    reached = [t for t, v in curve.items() if v >= floor - 1e-4]
+    assert cold["logit_adjust_tau"] == pytest.approx(min(reached) if reached else max(curve, key=lambda t: (curve[t], -t)))
+    assert 0 < floor < 100  # text-kNN's cold HR@10 on this data, computed in the run
+    assert (adjust_tag(0), adjust_tag(0.2), adjust_tag("valid"), adjust_tag("valid-1se"), adjust_tag("valid-cold")) == (
+        "", "-la0.2", "-lavalid", "-lavalid-1se", "-lavalid-cold")
 
 
 def test_gate_fit_valid_only_trains_the_gate_alone(work, dataset, phase1, phase2):
