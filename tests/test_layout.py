@@ -33,7 +33,7 @@ def own_imports():
 LAYERS = {"dataset": set(), "mmd": set(), "models": set(), "speed": set(),
           "runs": {"dataset", "models"}, "evaluate": {"dataset", "models", "runs"},
           "trainer": {"dataset", "evaluate", "models", "runs", "speed"},
-          "gate_fit": {"dataset", "evaluate", "trainer"}}
+          "gate_fit": {"dataset", "evaluate", "models", "trainer"}}
 TRAINING_SCRIPTS = ("pretrain", "align", "finetune")  # Alg. 1's three phases
 
 
