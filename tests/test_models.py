@@ -820,7 +820,7 @@ def test_logit_adjust_rule_chooses_tau_on_the_other_fold(rule):
     assert torch.equal(ranks, ranks2) and curves == curves2 and model.adjust_tau == model2.adjust_tau
 
 
-def test_one_standard_error_rule_picks_the_largest_tau_within_it():
+def test_choose_tau_rules_on_made_scores():
     """gate_fit.choose_tau: valid is the best mean (ties: the smallest tau); valid-1se the
     largest tau whose mean is within one standard error of the paired difference to the best,
     checked against statistics.stdev on made per-user scores; valid-cold the smallest tau whose
