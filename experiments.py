@@ -32,7 +32,7 @@ run), EXP.json (the rows and the summary), EXP.md (the table) and EXP.png (the f
   screen  beyond the paper: the text-path screen's six PAD variants ranked by validation, test
           for the chosen one only
   phase3  beyond the paper: phase-3 variants on the text path's expert runs (the text-kNN expert,
-          --bucket-bias, --bucket-temp, --mix prob, --gate bucket, --logit-adjust, the gate fit's passes, joint
+          --bucket-bias, --user-bias, --bucket-temp, --mix prob, --gate bucket, --logit-adjust, the gate fit's passes, joint
           training with --expert-lr / --aux-weight and the gate refit on validation), ranked
           by validation, test and gate shares beside it
 --extra passes flags to every training run (e.g. --extra "--epochs 2" for a smoke test),
@@ -91,6 +91,8 @@ PHASE3 = {
     "the recipe, gate fit over 20 passes (default 5)": ("gf20", ["--gate-fit-epochs", "20"], {"experts": "id,align,llm,text"}),
     "the recipe, the experts' distributions mixed (--mix prob)": ("", [], {"experts": "id,align,llm,text", "mix": "prob"}),
     "text path, the experts' distributions mixed (--mix prob)": ("", [], {"mix": "prob"}),
+    "the recipe + an offset per bucket that moves with the user (--user-bias)": (
+        "", [], {"experts": "id,align,llm,text", "user_bias": True}),
     "the recipe + a temperature per bucket (--bucket-temp)": ("", [], {"experts": "id,align,llm,text", "bucket_temp": True}),
     "the recipe + a temperature and an offset per bucket": (
         "", [], {"experts": "id,align,llm,text", "bucket_temp": True, "bucket_bias": True}),
@@ -207,16 +209,19 @@ class Plan:
                          backbone=backbone, kernel=kernel, anchor=anchor, gamma=gamma, loss=loss, text=text)
 
     def finetune(self, seed, align=None, experts="id,align,llm", gate=None, backbone="sasrec", loss="bce", text=None,
-                 llm_init=False, gate_fit="train", bucket_bias=False, mix="logit", bucket_temp=False, logit_adjust=0):
+                 llm_init=False, gate_fit="train", bucket_bias=False, mix="logit", bucket_temp=False, logit_adjust=0,
+                 user_bias=False):
         """llm_init: the LLM expert starts from the MoRec run of the same loss and text flags;
         gate_fit valid: the gate is refit on the validation split after training, valid-only: the
         experts are not trained and the gate is fit on the validation split (finetune.py --gate-fit);
-        bucket_bias, bucket_temp, mix, logit_adjust: finetune.py --bucket-bias, --bucket-temp, --mix, --logit-adjust."""
+        bucket_bias, bucket_temp, mix, logit_adjust, user_bias: finetune.py --bucket-bias, --bucket-temp, --mix,
+        --logit-adjust, --user-bias."""
         align, gate = align or self.pad_align, gate or self.gate
         p1 = self.pretrain(seed, backbone, loss)
         cmd = ["finetune.py", "--backbone", backbone, "--pretrain", str(p1.out), "--experts", experts, "--gate", gate,
                "--loss", loss, *text_flags(text), *(["--gate-fit", gate_fit] if gate_fit != "train" else []),
-               *(["--bucket-bias"] if bucket_bias else []), *(["--bucket-temp"] if bucket_temp else []),
+               *(["--bucket-bias"] if bucket_bias else []), *(["--user-bias"] if user_bias else []),
+               *(["--bucket-temp"] if bucket_temp else []),
                *(["--mix", mix] if mix != "logit" else []), *(["--logit-adjust", str(logit_adjust)] if logit_adjust else [])]
         deps, tag = [p1], ""
         if "align" in experts.split(","):
@@ -225,7 +230,7 @@ class Plan:
         if llm_init:
             morec = self.baseline(seed, "morec", backbone, loss, text)
             cmd, deps = cmd + ["--llm-init", str(morec.out)], deps + [morec]
-        gate = (gate + "-bias" * bucket_bias + "-temp" * bucket_temp + "-prob" * (mix == "prob")
+        gate = (gate + "-bias" * bucket_bias + "-ubias" * user_bias + "-temp" * bucket_temp + "-prob" * (mix == "prob")
                 + adjust_tag(logit_adjust) + GATE_FITS[gate_fit])  # as finetune.py names it
         return self._run("finetune", cmd, seed, deps, backbone=backbone, gate=gate,
                          experts=experts.split(","), align=tag, llm_init=llm_init, loss=loss, text=text)

@@ -59,6 +59,8 @@ def flags():
     beyond.add_argument("--expert-lr", type=float, default=None, help="the experts' learning rate (default --lr)")
     beyond.add_argument("--aux-weight", type=float, default=0.0, help="weight of each expert's own L_REC")
     beyond.add_argument("--bucket-bias", action="store_true", help="one learned offset per bucket added to Phi")
+    beyond.add_argument("--user-bias", action="store_true",
+                        help="an offset per bucket added to Phi that moves with the user: linear in the first expert's state")
     beyond.add_argument("--bucket-temp", action="store_true", help="one learned temperature per bucket multiplying Phi")
     beyond.add_argument("--mix", default="logit", choices=MIXES,
                         help="logit: Eq. (11), the gate mixes the experts' logits; prob: their softmax distributions "
@@ -115,6 +117,7 @@ def pad_config(args, ckpts):
     text flags both text experts share."""
     model_args = {**ckpts["id"]["model_args"], "kind": "pad", "experts": list(args.experts), "gate": args.gate,
                   "gate_init": args.gate_init, "bucket_bias": args.bucket_bias, "mix": args.mix,
+                  "user_bias": args.user_bias,
                   "bucket_temp": args.bucket_temp, "logit_adjust": args.logit_adjust}
     model_args["fuse_dropout"] = ckpts["align"]["model_args"]["fuse_dropout"] if "align" in ckpts else 0.0
     model_args.update({key: getattr(args, key) for _, key, _ in TEXT_FLAGS})
@@ -140,7 +143,7 @@ def main():
     args = flags()
     data, device = setup(args)
     paths, ckpts, align = phase3_inputs(args, data)  # the runs the experts start from, checked
-    gate = (args.gate + "-bias" * args.bucket_bias + "-temp" * args.bucket_temp + "-prob" * (args.mix == "prob")
+    gate = (args.gate + "-bias" * args.bucket_bias + "-ubias" * args.user_bias + "-temp" * args.bucket_temp + "-prob" * (args.mix == "prob")
             + adjust_tag(args.logit_adjust) + GATE_FITS[args.gate_fit])  # e.g. freq-validfit
     out = args.out or run_path(data["name"], "finetune", backbone=args.backbone, gate=gate, experts=args.experts,
                                align=align, llm_init=bool(args.llm_init), seed=args.seed, loss=args.loss,

@@ -18,9 +18,11 @@ from trainer import bce_loss, ce_loss, sample_negatives
 
 
 def gate_params(model):
-    """What --gate-fit fits: the gate, the --bucket-bias offsets, the --bucket-temp temperatures,
-    --mix prob's sharpness per expert and the text expert's scale (its only parameter)."""
+    """What --gate-fit fits: the gate, the --bucket-bias offsets, the --user-bias offsets, the
+    --bucket-temp temperatures, --mix prob's sharpness per expert and the text expert's scale
+    (its only parameter)."""
     return [*model.gate.parameters(), *([model.bias] if model.bias is not None else []),
+            *(model.user_bias.parameters() if model.user_bias is not None else []),
             *([model.log_temp] if model.log_temp is not None else []),
             *([model.log_sharpness] if model.log_sharpness is not None else []),
             *(model.experts["text"].parameters() if "text" in model.experts else [])]
@@ -77,7 +79,8 @@ def cross_fit_gate(model, data, args):
     the rule picks from every user's cross-fitted rank. valid-cold's floor is text-kNN's
     (models.TextKNN, nothing fit) cold HR@10 on the same users. Returns (the cross-fitted
     validation ranks (U,), None or, per metric, {tau: its cross-fitted validation value}:
-    nDCG@10 and cold HR@10, and "text-kNN cold HR@10": the floor's, one number)."""
+    nDCG@10 and cold HR@10, "text-kNN cold HR@10": the floor's, one number, and "fold taus":
+    the tau each fold was ranked under, in fold order)."""
     start = [w.detach().clone() for w in gate_params(model)]
     n_users = len(data["seqs"])
     folds = torch.randperm(n_users, generator=torch.Generator().manual_seed(args.seed)).chunk(args.gate_fit_folds)
@@ -93,14 +96,15 @@ def cross_fit_gate(model, data, args):
         def choose(r, users):  # the rule's tau index from the ranks r (T, len(users)) of `users`
             c = cold[users]
             return choose_tau(user_ndcg(r), args.logit_adjust, r[:, c] < 10, text_hit[users][c].double().mean())
-    ranks = torch.empty(n_users, dtype=torch.long)
+    ranks, fold_taus = torch.empty(n_users, dtype=torch.long), []
     for i, fold in enumerate(folds):
         fit_users = torch.cat([f for j, f in enumerate(folds) if j != i])
         fit_gate(model, data, args, users=fit_users)
         if adjust:  # every user under every tau: the fit users choose tau, the fold is ranked with it
             r = user_ranks(model, data, "valid", args.eval_batch_size, args.keep_repeated_targets, offsets=offsets)
             per_tau[:, fold] = r[:, fold]
-            ranks[fold] = r[choose(r[:, fit_users], fit_users), fold]
+            t = choose(r[:, fit_users], fit_users)
+            ranks[fold], fold_taus = r[t, fold], fold_taus + [ADJUST_TAUS[t]]
         else:
             ranks[fold] = user_ranks(model, data, "valid", args.eval_batch_size, args.keep_repeated_targets, users=fold)
         with torch.no_grad():
@@ -113,11 +117,12 @@ def cross_fit_gate(model, data, args):
     model.adjust_tau.fill_(ADJUST_TAUS[choose(per_tau, torch.arange(n_users))])
     cold_hr = [summarise_ranks(r, data, "valid")["groups"]["cold"]["HR@10"] for r in per_tau]  # in %
     curves = {"nDCG@10": dict(zip(ADJUST_TAUS, (100 * ndcg.mean(-1)).tolist())), "cold HR@10": dict(zip(ADJUST_TAUS, cold_hr)),
-              "text-kNN cold HR@10": 100 * text_hit[cold].double().mean().item()}
+              "text-kNN cold HR@10": 100 * text_hit[cold].double().mean().item(), "fold taus": fold_taus}
     print(f"--logit-adjust {args.logit_adjust}: tau {model.adjust_tau.item():g}; cross-fitted validation "
           "nDCG@10 / cold HR@10 per tau " + " ".join(f"{t:g}:{v:.2f}/{curves['cold HR@10'][t]:.2f}"
                                                       for t, v in curves["nDCG@10"].items())
-          + f"; text-kNN's cold HR@10 {curves['text-kNN cold HR@10']:.2f}", flush=True)
+          + f"; text-kNN's cold HR@10 {curves['text-kNN cold HR@10']:.2f}; the folds' tau "
+          + " ".join(f"{t:g}" for t in fold_taus), flush=True)
     return ranks, curves
 
 

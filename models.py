@@ -474,6 +474,12 @@ class PAD(nn.Module):
     scores can be sharpened or flattened against the others' (with --bucket-bias: an affine map
     per bucket), e.g. cold items ranked by text similarity on a wider scale.
 
+    user_bias (finetune.py --user-bias, beyond the paper): Phi + beta[b(i)] + v[b(i)] . h_1(u), an
+    offset per frequency bucket that moves with the user, linear in the first expert's state h_1
+    (the ID expert's wherever it is kept), zero at the start: users whose windows hold cold items
+    pick cold items more often, which one offset per bucket cannot follow. `user_bias` is h_1's
+    width (None: off).
+
     logit_adjust (finetune.py --logit-adjust, beyond the paper): the ranking scores Phi(i) -
     tau * log(1 + n_i), n_i the item's training interactions: post-hoc logit adjustment (Menon
     et al., 2021) against the popularity that L_REC teaches; tau is a persistent buffer (chosen
@@ -481,7 +487,7 @@ class PAD(nn.Module):
     and the gate fit see Phi unchanged."""
 
     def __init__(self, experts, gate, item_bucket, n_buckets, bucket_bias=False, mix="logit", bucket_temp=False,
-                 item_freq=None, logit_adjust=False):
+                 item_freq=None, logit_adjust=False, user_bias=None):
         super().__init__()
         if mix not in MIXES:
             raise ValueError(f"unknown mix {mix!r}; choose one of {', '.join(MIXES)} (--mix)")
@@ -491,6 +497,10 @@ class PAD(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_buckets + 1)) if bucket_bias else None  # DEVIATION: beta per bucket
         self.log_sharpness = nn.Parameter(torch.zeros(len(experts))) if mix == "prob" else None  # --mix prob: s_k
         self.log_temp = nn.Parameter(torch.zeros(n_buckets + 1)) if bucket_temp else None  # DEVIATION: tau per bucket
+        self.user_bias = nn.Linear(user_bias, n_buckets + 1) if user_bias else None  # DEVIATION: beta + v . h_1 per bucket
+        if self.user_bias is not None:
+            nn.init.zeros_(self.user_bias.weight)
+            nn.init.zeros_(self.user_bias.bias)
         # DEVIATION (--logit-adjust): tau (saved), and log(1 + n_i) per item, (N+1,); None without it
         tau = None if not logit_adjust else torch.tensor(0.0 if isinstance(logit_adjust, str) else float(logit_adjust))
         self.register_buffer("adjust_tau", tau)
@@ -521,6 +531,9 @@ class PAD(nn.Module):
             phi = self.log_temp[bucket].exp() * phi
         if self.bias is not None:  # --bucket-bias: + beta[b(i)]
             phi = phi + self.bias[bucket]
+        if self.user_bias is not None:  # --user-bias: + beta[b(i)] + v[b(i)] . h_1, each user's offset per bucket
+            offsets = self.user_bias(h[0])  # (..., T or 1, B_b+1), lined up with bucket (..., T)
+            phi = phi + torch.take_along_dim(offsets, bucket[..., None], dim=-1).squeeze(-1)
         return phi
 
     def mix_probabilities(self, o, h, bucket, per_bucket=False):
@@ -695,6 +708,7 @@ def build_model(model_args, data):
                      model_args.get("gate_init", "uniform"))
     return PAD(experts, gate, data["item_bucket"], data["n_buckets"], model_args.get("bucket_bias", False),
                model_args.get("mix", "logit"), model_args.get("bucket_temp", False),
-               data["item_freq"] if model_args.get("logit_adjust") else None, model_args.get("logit_adjust", 0))
+               data["item_freq"] if model_args.get("logit_adjust") else None, model_args.get("logit_adjust", 0),
+               widths[0] if model_args.get("user_bias") else None)
 
 

@@ -152,7 +152,7 @@ RESUME_FREE = (*SAME_RUN_FREE, "epochs")
 
 # flags added after runs were written, each with the value under which the code ran before it
 # existed: an earlier run that does not record one ran with that value
-ADDED_LATER = {"bucket_temp": False, "logit_adjust": 0}
+ADDED_LATER = {"bucket_temp": False, "logit_adjust": 0, "user_bias": False}
 
 
 def flag_diff(then, now, free):

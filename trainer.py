@@ -352,9 +352,10 @@ def fit(model, data, args, out, loss_fn):
         step_loss = nn.parallel.DistributedDataParallel(step_loss, device_ids=[device] if device.type == "cuda" else None,
                                                         broadcast_buffers=False, find_unused_parameters=True)
     trained = [(n, w) for n, w in model.named_parameters() if w.requires_grad]
-    # finetune.py: the gate (and --bucket-bias, --bucket-temp) may decay differently, the experts learn at --expert-lr
+    # finetune.py: the gate (and --bucket-bias, --user-bias, --bucket-temp) may decay differently, the experts learn
+    # at --expert-lr
     gate_decay, expert_lr = getattr(args, "gate_weight_decay", None), getattr(args, "expert_lr", None)
-    gate = {n for n, _ in trained if n.startswith("gate.") or n in ("bias", "log_temp")}
+    gate = {n for n, _ in trained if n.startswith(("gate.", "user_bias.")) or n in ("bias", "log_temp")}
     groups = [{"params": [w for _, w in trained]}] if gate_decay is None and expert_lr is None else [
         {"params": [w for n, w in trained if n not in gate], **({} if expert_lr is None else {"lr": expert_lr})},
         {"params": [w for n, w in trained if n in gate], **({} if gate_decay is None else {"weight_decay": gate_decay})}]

@@ -191,6 +191,7 @@ def test_phase3_ranks_by_validation_and_runs_each_variants_flags(all_experiments
         assert args["aux_weight"] == (1.0 if "--aux-weight" in flags else 0.0)
         assert args["bucket_bias"] == settings.get("bucket_bias", False)
         assert args["bucket_temp"] == settings.get("bucket_temp", False)
+        assert args.get("user_bias", False) == settings.get("user_bias", False)
         assert args["gate"] == settings.get("gate", "freq")
         assert args["mix"] == settings.get("mix", "logit")
         assert args["logit_adjust"] == settings.get("logit_adjust", 0)

@@ -169,10 +169,10 @@ def loop_gate(gate, kind, bucket, h):
     return [v / sum(e) for v in e]
 
 
-def loop_pad_scores(experts, gate, kind, bucket, seq, bias=None, log_temp=None):
+def loop_pad_scores(experts, gate, kind, bucket, seq, bias=None, log_temp=None, user_bias=None):
     """Phi(u, i) = t[b(i)] sum_k g_k(b(i), h_k) o_k(u, i) (+ beta[b(i)] with --bucket-bias;
-    t = exp(tau), tau = log_temp, with --bucket-temp, else t = 1) for every user u and item i,
-    one at a time."""
+    t = exp(tau), tau = log_temp, with --bucket-temp, else t = 1; + c[b(i)] + v[b(i)] . h_1(u)
+    with --user-bias, user_bias = (v, c)) for every user u and item i, one at a time."""
     with torch.no_grad():
         h = [e(seq)[:, -1] for e in experts]  # K x (B, d)
         tables = [e.items(torch.arange(N + 1)) for e in experts]  # K x (N+1, d)
@@ -185,18 +185,23 @@ def loop_pad_scores(experts, gate, kind, bucket, seq, bias=None, log_temp=None):
                 t = 1.0 if log_temp is None else math.exp(float(log_temp[int(bucket[i])]))
                 out[u, i] = t * sum(g[k] * float(torch.dot(hu[k], tables[k][i])) for k in range(len(experts)))
                 out[u, i] += 0.0 if bias is None else float(bias[int(bucket[i])])
+                if user_bias is not None:
+                    v, c = user_bias
+                    out[u, i] += float(torch.dot(v[int(bucket[i])], hu[0])) + float(c[int(bucket[i])])
     return out
 
 
-def make_pad(names, gate_kind, seed=0, backbone="sasrec", bucket_bias=False, bucket_temp=False, logit_adjust=0):
+def make_pad(names, gate_kind, seed=0, backbone="sasrec", bucket_bias=False, bucket_temp=False, logit_adjust=0,
+             user_bias=False):
     experts = {k: expert(k, backbone, seed=seed + i) for i, k in enumerate(names)}
     widths = [D_TEXT if k == "text" else D for k in names]  # the text expert's state is d_text wide
     gate = randomise(make_gate(gate_kind, N_BUCKETS, widths if "text" in names else D, names), seed)
     freq = torch.randint(0, 50, (N + 1,), generator=gen(seed + 300))
     pad = PAD(experts, gate, item_bucket(), N_BUCKETS, bucket_bias, bucket_temp=bucket_temp, item_freq=freq,
-              logit_adjust=logit_adjust).eval()
+              logit_adjust=logit_adjust, user_bias=widths[0] if user_bias else None).eval()
+    user = (pad.user_bias.weight, pad.user_bias.bias) if user_bias else (None, None)
     with torch.no_grad():
-        for w, s in ((pad.bias, 100), (pad.log_temp, 200)):
+        for w, s in ((pad.bias, 100), (pad.log_temp, 200), (user[0], 400), (user[1], 500)):
             if w is not None:
                 w.normal_(generator=gen(seed + s))
     return pad
@@ -219,17 +224,20 @@ def test_gate_probabilities_positive_and_sum_to_one(gate_kind):
     assert (per_bucket > 0).all() and torch.allclose(per_bucket.sum(-1), torch.ones(N_BUCKETS))
 
 
-@pytest.mark.parametrize("bucket_bias,bucket_temp", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("bucket_bias,bucket_temp,user_bias",
+                         [(False, False, False), (True, False, False), (False, True, False), (True, True, False),
+                          (False, False, True), (True, True, True)])
 @pytest.mark.parametrize("gate_kind", GATES)
-def test_pad_full_scores_equal_loop_of_eq11(gate_kind, bucket_bias, bucket_temp):
-    """Eq. (11) by loop (with --bucket-bias: + beta[b(i)]; with --bucket-temp: times exp(tau[b(i)])),
-    per item and per bucket."""
-    pad = make_pad(EXPERTS, gate_kind, bucket_bias=bucket_bias, bucket_temp=bucket_temp)
+def test_pad_full_scores_equal_loop_of_eq11(gate_kind, bucket_bias, bucket_temp, user_bias):
+    """Eq. (11) by loop (with --bucket-bias: + beta[b(i)]; with --bucket-temp: times exp(tau[b(i)]);
+    with --user-bias: + c[b(i)] + v[b(i)] . h_1(u)), per item and per bucket."""
+    pad = make_pad(EXPERTS, gate_kind, bucket_bias=bucket_bias, bucket_temp=bucket_temp, user_bias=user_bias)
     seq = sequences(B=3)
     with torch.no_grad():
         scores = pad.full_scores(seq)
         per_bucket = pad.full_scores(seq, per_bucket=True)
-    ref = loop_pad_scores(list(pad.experts.values()), pad.gate, gate_kind, pad.bucket, seq, pad.bias, pad.log_temp)
+    user = (pad.user_bias.weight, pad.user_bias.bias) if user_bias else None
+    ref = loop_pad_scores(list(pad.experts.values()), pad.gate, gate_kind, pad.bucket, seq, pad.bias, pad.log_temp, user)
     assert scores.shape == (3, N + 1)
     assert torch.allclose(scores, ref, atol=1e-5) and torch.allclose(per_bucket, ref, atol=1e-5)
     # bce_logits goes through fuse() at every position: at the last one it is the same logit
@@ -402,7 +410,7 @@ def test_all_logits_are_the_bce_logits_of_every_item(kind, gate_kind):
     item as the positive, for one expert and for PAD (Eq. 11 at every position)."""
     seq = sequences(B=3)
     for model in (expert(kind, "sasrec").eval(), make_pad(EXPERTS, gate_kind),
-                  make_pad(EXPERTS, gate_kind, bucket_bias=True, bucket_temp=True)):
+                  make_pad(EXPERTS, gate_kind, bucket_bias=True, bucket_temp=True, user_bias=True)):
         with torch.no_grad():
             every = model.all_logits(seq)  # (3, L, N+1)
             for j in (1, 5, N):
@@ -755,8 +763,8 @@ def test_logit_adjust_rule_chooses_tau_on_the_other_fold(rule):
     """--logit-adjust valid / valid-cold (gate_fit.cross_fit_gate): each fold is ranked under the
     tau the rule picks on the other fold's users, under the gate fit on that fold (valid: the
     highest nDCG@10; valid-cold: the smallest tau whose cold HR@10 reaches text-kNN's on those
-    users, text-kNN's cosine to the last item computed here); the model keeps the tau the rule
-    picks from the cross-fitted ranks; the test column is never read. Checked against ranks,
+    users, text-kNN's cosine to the last item computed here), and that tau is logged per fold; the
+    model keeps the tau the rule picks from the cross-fitted ranks; the test column is never read. Checked against ranks,
     nDCG and hits computed here, tau by tau."""
     import copy
     import types
@@ -805,6 +813,7 @@ def test_logit_adjust_rule_chooses_tau_on_the_other_fold(rule):
         log_freq = torch.log1p(torch.randint(0, 50, (N + 1,), generator=gen(6 + 300)).double()).float()  # make_pad's counts
         r = torch.stack([target_ranks(phi - t * log_freq, targets, history) for t in ADJUST_TAUS])
         assert torch.equal(ranks[fold], r[pick(r, folds[1 - i]), fold])
+        assert curves["fold taus"][i] == ADJUST_TAUS[pick(r, folds[1 - i])]
         per_tau[:, fold] = r[:, fold]
     scores = [ndcg(per_tau[t]) for t in T]
     assert [curves["nDCG@10"][t] for t in ADJUST_TAUS] == pytest.approx([100 * v for v in scores])
@@ -859,7 +868,7 @@ def test_choose_tau_rules_on_made_scores():
 @pytest.mark.parametrize("gate_kind", GATES)
 def test_gate_fit_on_validation_never_reads_the_test_column(loss, gate_kind):
     """gate_fit.cross_fit_gate (--gate-fit valid, valid-only), with the text expert's scale and
-    the --bucket-bias offsets and --bucket-temp temperatures fit beside the gate: every user's test item replaced leaves the
+    the --bucket-bias and --user-bias offsets and --bucket-temp temperatures fit beside the gate: every user's test item replaced leaves the
     fitted parameters and the cross-fitted validation ranks bit for bit the same; the validation
     items replaced move them. Each fold's ranks are those of a gate fit on the other fold alone."""
     import copy
@@ -868,7 +877,7 @@ def test_gate_fit_on_validation_never_reads_the_test_column(loss, gate_kind):
     from evaluate import user_ranks
     from gate_fit import cross_fit_gate, fit_gate
 
-    pad = make_pad(("id", "llm", "text"), gate_kind, seed=2, bucket_bias=True, bucket_temp=True)
+    pad = make_pad(("id", "llm", "text"), gate_kind, seed=2, bucket_bias=True, bucket_temp=True, user_bias=True)
     g = gen(11)
     seqs = torch.stack([torch.randperm(N, generator=g)[:L + 3] + 1 for _ in range(12)])  # distinct items per user
     data = {"seqs": seqs, "n_items": N, "item_bucket": pad.bucket, "n_buckets": N_BUCKETS}
@@ -878,7 +887,8 @@ def test_gate_fit_on_validation_never_reads_the_test_column(loss, gate_kind):
     def fitted(seqs):
         model = copy.deepcopy(pad)
         ranks, _ = cross_fit_gate(model, {**data, "seqs": seqs}, args)
-        return ranks, {k: v for k, v in model.state_dict().items() if k.startswith("gate.") or k in ("bias", "log_temp") or "log_scale" in k}
+        return ranks, {k: v for k, v in model.state_dict().items()
+                       if k.startswith(("gate.", "user_bias.")) or k in ("bias", "log_temp") or "log_scale" in k}
 
     ranks, params = fitted(seqs)
     assert all(not torch.equal(v, pad.state_dict()[k]) for k, v in params.items())  # the fit moved every one
@@ -909,7 +919,7 @@ def test_gate_fit_with_the_frozen_experts_states_computed_once_is_the_per_batch_
     from evaluate import mask_seen
     from gate_fit import fit_gate, gate_params
 
-    pad = make_pad(("id", "llm", "text"), "freq", seed=4, bucket_bias=True, bucket_temp=True)
+    pad = make_pad(("id", "llm", "text"), "freq", seed=4, bucket_bias=True, bucket_temp=True, user_bias=True)
     g = gen(12)
     seqs = torch.stack([torch.randperm(N, generator=g)[:L + 3] + 1 for _ in range(13)])
     data = {"seqs": seqs, "n_items": N, "item_bucket": pad.bucket, "n_buckets": N_BUCKETS}

@@ -645,15 +645,15 @@ def test_gate_fit_valid_refits_only_the_gate(work, dataset, phase1, phase2):
 
 def test_expert_lr_aux_weight_bucket_bias_and_temp(work, dataset, phase1, phase2):
     """Phase-3 flags beyond the paper: --expert-lr 0 keeps the ID and alignment experts their
-    phase-1 / phase-2 tensors bit for bit while the gate, the --bucket-bias offsets and the
-    --bucket-temp temperatures learn; --aux-weight logs each expert's own loss; the checkpoint
-    carries the two bucket flags."""
+    phase-1 / phase-2 tensors bit for bit while the gate, the --bucket-bias and --user-bias
+    offsets and the --bucket-temp temperatures learn; --aux-weight logs each expert's own loss;
+    the checkpoint carries the three flags, and evaluate.py ranks it as the run did."""
     from dataset import load_dataset
     from runs import model_from_checkpoint, read_checkpoint
 
     r = run("finetune.py", "--data", dataset, "--pretrain", phase1["sasrec"][0], "--align", phase2[0], "--epochs", "1",
             "--batch-size", "16", "--eval-batch-size", "7", "--expert-lr", "0", "--aux-weight", "0.5", "--bucket-bias",
-            "--bucket-temp", "--out", work / "finetune_expert_lr0.pt")
+            "--bucket-temp", "--user-bias", "--out", work / "finetune_expert_lr0.pt")
     out = work / "finetune_expert_lr0.pt"
     assert re.search(r"^epoch +1 .*id-bce [0-9.]+ .*llm-bce [0-9.]+", r.stdout, re.M), r.stdout[-2000:]
     got, data = load(out), load_dataset(dataset)
@@ -661,9 +661,12 @@ def test_expert_lr_aux_weight_bucket_bias_and_temp(work, dataset, phase1, phase2
         seeded = model_from_checkpoint(read_checkpoint(path), data, path, phase=phase).state_dict()
         for key, value in seeded.items():
             assert torch.equal(got["state"][f"experts.{kind}.{key}"], value), (kind, key)
-    learnt = {k: v for k, v in got["state"].items() if k.startswith("gate.") or k in ("bias", "log_temp")}
-    assert {"bias", "log_temp"} <= learnt.keys() and all(v.abs().sum() > 0 for v in learnt.values())  # all start at zeros
-    assert got["model_args"]["bucket_bias"] and got["model_args"]["bucket_temp"]
+    learnt = {k: v for k, v in got["state"].items() if k.startswith(("gate.", "user_bias.")) or k in ("bias", "log_temp")}
+    assert {"bias", "log_temp", "user_bias.weight", "user_bias.bias"} <= learnt.keys()
+    assert all(v.abs().sum() > 0 for v in learnt.values())  # all start at zeros
+    assert got["model_args"]["bucket_bias"] and got["model_args"]["bucket_temp"] and got["model_args"]["user_bias"]
+    metrics = json.loads(out.with_suffix(".json").read_text())
+    assert evaluate_cli("--ckpt", out)["nDCG@10"] == pytest.approx(metrics["test"]["nDCG@10"], abs=1e-4)
 
 
 def test_mix_prob_gate_fit_and_its_refusals(work, dataset):
@@ -689,7 +692,8 @@ def test_mix_prob_gate_fit_and_its_refusals(work, dataset):
 def test_logit_adjust_valid_end_to_end(work, dataset, phase1, phase2):
     """finetune.py --logit-adjust valid: refused without a gate fit on validation and for a
     negative tau, in one line; with --gate-fit valid-only the run keeps a tau of the grid, the
-    one with the highest cross-fitted validation nDCG@10 in its JSON, and evaluate.py ranks
+    one with the highest cross-fitted validation nDCG@10 in its JSON (with the tau each fold was
+    ranked under), and evaluate.py ranks
     the checkpoint under that tau as the run did; valid-1se and valid-cold pick from the same
     cross-fitted curves by their own rules."""
     from gate_fit import ADJUST_TAUS
@@ -711,6 +715,8 @@ def test_logit_adjust_valid_end_to_end(work, dataset, phase1, phase2):
     assert ckpt["model_args"]["logit_adjust"] == "valid"
     assert evaluate_cli("--ckpt", path)["nDCG@10"] == pytest.approx(metrics["test"]["nDCG@10"], abs=1e-4)
     assert list(map(float, metrics["logit_adjust_valid_cold HR@10"])) == list(ADJUST_TAUS)
+    folds = metrics["logit_adjust_valid_fold taus"]  # the tau each of the --gate-fit-folds folds was ranked under
+    assert len(folds) == 2 and set(folds) <= set(ADJUST_TAUS) and "the folds' tau" in r.stdout
     # valid-1se: the one-standard-error rule keeps the best tau or a larger one, from the same curves
     refused(run("finetune.py", *common, "--logit-adjust", "valid-1se", *TRAIN, "--out", work / "unused.pt", ok=False),
             "--logit-adjust valid-1se", "--gate-fit valid")
