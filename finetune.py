@@ -116,9 +116,8 @@ def pad_config(args, ckpts):
     """The phase-3 model's model_args: phase 1's encoder, the experts and gate of the flags, the
     text flags both text experts share."""
     model_args = {**ckpts["id"]["model_args"], "kind": "pad", "experts": list(args.experts), "gate": args.gate,
-                  "gate_init": args.gate_init, "bucket_bias": args.bucket_bias, "mix": args.mix,
-                  "user_bias": args.user_bias,
-                  "bucket_temp": args.bucket_temp, "logit_adjust": args.logit_adjust}
+                  "gate_init": args.gate_init, "bucket_bias": args.bucket_bias, "user_bias": args.user_bias,
+                  "mix": args.mix, "bucket_temp": args.bucket_temp, "logit_adjust": args.logit_adjust}
     model_args["fuse_dropout"] = ckpts["align"]["model_args"]["fuse_dropout"] if "align" in ckpts else 0.0
     model_args.update({key: getattr(args, key) for _, key, _ in TEXT_FLAGS})
     model_args.pop("expert")
@@ -143,8 +142,8 @@ def main():
     args = flags()
     data, device = setup(args)
     paths, ckpts, align = phase3_inputs(args, data)  # the runs the experts start from, checked
-    gate = (args.gate + "-bias" * args.bucket_bias + "-ubias" * args.user_bias + "-temp" * args.bucket_temp + "-prob" * (args.mix == "prob")
-            + adjust_tag(args.logit_adjust) + GATE_FITS[args.gate_fit])  # e.g. freq-validfit
+    gate = (args.gate + "-bias" * args.bucket_bias + "-ubias" * args.user_bias + "-temp" * args.bucket_temp
+            + "-prob" * (args.mix == "prob") + adjust_tag(args.logit_adjust) + GATE_FITS[args.gate_fit])  # e.g. freq-validfit
     out = args.out or run_path(data["name"], "finetune", backbone=args.backbone, gate=gate, experts=args.experts,
                                align=align, llm_init=bool(args.llm_init), seed=args.seed, loss=args.loss,
                                preset=args.preset, text=text_of(args))

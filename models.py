@@ -476,9 +476,9 @@ class PAD(nn.Module):
 
     user_bias (finetune.py --user-bias, beyond the paper): Phi + beta[b(i)] + v[b(i)] . h_1(u), an
     offset per frequency bucket that moves with the user, linear in the first expert's state h_1
-    (the ID expert's wherever it is kept), zero at the start: users whose windows hold cold items
-    pick cold items more often, which one offset per bucket cannot follow. `user_bias` is h_1's
-    width (None: off).
+    (the ID expert's wherever it is kept), zero at the start: so that a user whose window leans to
+    cold items can have them lifted and another not, which one offset per bucket cannot do.
+    `user_bias` is h_1's width (None: off).
 
     logit_adjust (finetune.py --logit-adjust, beyond the paper): the ranking scores Phi(i) -
     tau * log(1 + n_i), n_i the item's training interactions: post-hoc logit adjustment (Menon
