@@ -754,8 +754,10 @@ def phase3_md(t, summary):
         d = vs.get(lb)
         cells.append("{:+.2f} [{:+.2f}, {:+.2f}]".format(d["difference"], d["low"], d["high"]) if d else "")
         shares = gate_shares(rs) if all("gate_per_bucket" in r for r in rs) else ""
-        if all("logit_adjust_tau" in r for r in rs):  # --logit-adjust: the tau of each seed
-            shares += "; τ " + ", ".join(f"{r['logit_adjust_tau']:g}" for r in rs)
+        if all("logit_adjust_tau" in r for r in rs):  # --logit-adjust: the tau of each seed (and of its folds)
+            shares += "; τ " + ", ".join(f"{r['logit_adjust_tau']:g}" + (
+                " (folds " + ", ".join(f"{t:g}" for t in r["logit_adjust_valid_fold taus"]) + ")"
+                if "logit_adjust_valid_fold taus" in r else "") for r in rs)
         md.append(f"| {i} | {lb}{' (chosen)' if lb == summary['chosen'] else ''} | {len(rs)} | " + " | ".join(cells)
                   + f" | {shares} |")
     return ["\n".join(md), "Ranked by mean validation nDCG@10 over the seeds (a gate fit on validation scored "

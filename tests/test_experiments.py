@@ -170,8 +170,8 @@ def test_screen_chooses_on_validation_and_reports_test_for_that_one_only(all_exp
 
 def test_phase3_ranks_by_validation_and_runs_each_variants_flags(all_experiments):
     """phase3: the variants in the order of their validation nDCG@10, each row with its test
-    and cold numbers and gate shares; each run carries its variant's flags, and the gate-only
-    variants reuse the recipe's expert runs."""
+    and cold numbers and gate shares (and --logit-adjust's tau, the whole fit's and each fold's);
+    each run carries its variant's flags, and the gate-only variants reuse the recipe's expert runs."""
     from experiments import PHASE3
 
     out = json.loads((all_experiments / "phase3.json").read_text())
@@ -182,6 +182,11 @@ def test_phase3_ranks_by_validation_and_runs_each_variants_flags(all_experiments
     md = (all_experiments / "phase3.md").read_text()
     lines = [x for x in md.splitlines() if x.startswith("| ") and x[2].isdigit()]
     assert [x.split(" | ")[1].removesuffix(" (chosen)") for x in lines] == order
+    assert sum("logit_adjust_tau" in r for r in rows.values()) == 3  # valid, valid-1se, valid-cold
+    for line, label in zip(lines, order):  # --logit-adjust valid*: the tau kept, and each fold's
+        if "logit_adjust_tau" in rows[label]:
+            folds = ", ".join(f"{t:g}" for t in rows[label]["logit_adjust_valid_fold taus"])
+            assert f"τ {rows[label]['logit_adjust_tau']:g} (folds {folds})" in line, line
     recipe = torch.load(rows[RECIPE_LABEL]["run"], weights_only=False)["args"]
     for label, (_, flags, settings) in PHASE3.items():
         r = rows[label]
