@@ -474,7 +474,7 @@ class PAD(nn.Module):
     scores can be sharpened or flattened against the others' (with --bucket-bias: an affine map
     per bucket), e.g. cold items ranked by text similarity on a wider scale.
 
-    user_bias (finetune.py --user-bias, beyond the paper): Phi + beta[b(i)] + v[b(i)] . h_1(u), an
+    user_bias (finetune.py --user-bias, beyond the paper): Phi + c[b(i)] + v[b(i)] . h_1(u), an
     offset per frequency bucket that moves with the user, linear in the first expert's state h_1
     (the ID expert's wherever it is kept), zero at the start: so that a user whose window leans to
     cold items can have them lifted and another not, which one offset per bucket cannot do.
@@ -497,7 +497,7 @@ class PAD(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_buckets + 1)) if bucket_bias else None  # DEVIATION: beta per bucket
         self.log_sharpness = nn.Parameter(torch.zeros(len(experts))) if mix == "prob" else None  # --mix prob: s_k
         self.log_temp = nn.Parameter(torch.zeros(n_buckets + 1)) if bucket_temp else None  # DEVIATION: tau per bucket
-        self.user_bias = nn.Linear(user_bias, n_buckets + 1) if user_bias else None  # DEVIATION: beta + v . h_1 per bucket
+        self.user_bias = nn.Linear(user_bias, n_buckets + 1) if user_bias else None  # DEVIATION: c + v . h_1 per bucket
         if self.user_bias is not None:
             nn.init.zeros_(self.user_bias.weight)
             nn.init.zeros_(self.user_bias.bias)
@@ -531,7 +531,7 @@ class PAD(nn.Module):
             phi = self.log_temp[bucket].exp() * phi
         if self.bias is not None:  # --bucket-bias: + beta[b(i)]
             phi = phi + self.bias[bucket]
-        if self.user_bias is not None:  # --user-bias: + beta[b(i)] + v[b(i)] . h_1, each user's offset per bucket
+        if self.user_bias is not None:  # --user-bias: + c[b(i)] + v[b(i)] . h_1, each user's offset per bucket
             offsets = self.user_bias(h[0])  # (..., T or 1, B_b+1), lined up with bucket (..., T)
             phi = phi + torch.take_along_dim(offsets, bucket[..., None], dim=-1).squeeze(-1)
         return phi
