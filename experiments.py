@@ -679,17 +679,24 @@ def comparisons_md(comps):
                                f"over the {comps[0]['HR@10']['users']} users; p: paired t-test over the seeds."]
 
 
+VALID_NOTE = ("valid: validation HR@10 / nDCG@10; a gate fit on validation is scored cross-fitted (each half of the "
+              "users by a gate fit on the other half).")
+
+
+def gates_md(t):
+    """A table of each gated row's gate shares per expert, warmest → coldest bucket."""
+    gated = {lb: rs for lb, rs in t.items() if all("gate_per_bucket" in r for r in rs)}
+    if not gated:
+        return []
+    return ["\n".join(["| row | gate share per expert, warmest → coldest bucket (test users, mean over seeds) |",
+                        "|---|---|", *(f"| {lb} | {gate_shares(rs)} |" for lb, rs in gated.items())])]
+
+
 def verdict_md(t, summary):
     """The verdict table: validation beside test for every row, the comparisons, the gates."""
     md = [summary_table(t, VALID_AND_TEST, base="SASRec (CE)" if "SASRec (CE)" in t else None),
-          "valid: validation HR@10 / nDCG@10; a gate fit on validation is scored cross-fitted (each half of the "
-          "users by a gate fit on the other half). Impr.: nDCG@10 over SASRec (CE)."]
-    md += comparisons_md(summary["comparisons"])
-    gated = {lb: rs for lb, rs in t.items() if all("gate_per_bucket" in r for r in rs)}
-    if gated:
-        md += ["\n".join(["| row | gate share per expert, warmest → coldest bucket (test users, mean over seeds) |",
-                           "|---|---|", *(f"| {lb} | {gate_shares(rs)} |" for lb, rs in gated.items())])]
-    return md
+          VALID_NOTE + " Impr.: nDCG@10 over SASRec (CE)."]
+    return md + comparisons_md(summary["comparisons"]) + gates_md(t)
 
 
 SHORT = {RECIPE_LABEL: "the recipe", **dict(zip(CONTROLS, ("the stack", "the stack + text-kNN", "the recipe with γ = 0",
@@ -843,19 +850,19 @@ def render(exp, all_rows, summary, title, name, png):
         md += [summary_table(tables[""], metrics=("textual separation",))]
     for panel, t in tables.items() if exp not in ("verdict", "screen", "phase3", "fig6", "fig3") else ():
         if exp == "table2":
-            metrics = [*(["valid HR@10", "valid nDCG@10"] if all("valid HR@10" in r for rs in t.values() for r in rs) else []),
-                       "HR@10", "nDCG@10", "cold HR@10"]
+            valid = all("valid HR@10" in r for rs in t.values() for r in rs)
+            metrics = [*(["valid HR@10", "valid nDCG@10"] if valid else []), "HR@10", "nDCG@10", "cold HR@10"]
             if all("HR@10 (repeats kept)" in r for rs in t.values() for r in rs):
                 metrics += ["HR@10 (repeats kept)", "nDCG@10 (repeats kept)"]
             best, p, diff = significance(t) if "PAD" in t and len(t) > 1 else (None, float("nan"), 0.0)
             paper = PAPER_TABLE2.get(name)
             extra = ("paper HR@10 / nDCG@10", {lb: "%.2f / %.2f" % v for lb, v in paper.items()}) if paper else None
             md += [summary_table(t, metrics, base="SASRec" if "SASRec" in t else None,
-                                 star=("PAD", p if diff > 0 else float("nan")), extra=extra)]
+                                 star=("PAD", p if diff > 0 else float("nan")), extra=extra)] + ([VALID_NOTE] if valid else [])
             if best:  # ★ only where PAD is above that row
                 md += [f"\nPAD vs the best other row ({best}), paired t-test over seeds on nDCG@10: "
                        f"PAD {'above' if diff > 0 else 'below'} it by {abs(diff):.2f}, p = {p:.3g}"]
-            md += comparisons_md(summary.get("comparisons", []))
+            md += comparisons_md(summary.get("comparisons", [])) + gates_md(t)
         elif exp == "deviations":  # each authors' choice against ours, seeds paired
             ours = {r["seed"]: r for r in t["ours"]}
             p_ours = {lb: " / ".join(f"{paired_t([r[m] for r in rs], [ours[r['seed']][m] for r in rs]):.2g}"

@@ -87,6 +87,13 @@ def test_table2_rows_and_significance(all_experiments):
         assert float(r["HR@10"]) == pytest.approx(metrics["test"]["HR@10"])  # the CSV is the runs' own metrics
     md = (all_experiments / "table2.md").read_text()
     assert "| PAD | 1 |" in md and "PAD vs the best other row" in md
+    assert "| method | seeds | valid HR@10 | valid nDCG@10 | HR@10 | nDCG@10 | cold HR@10 |" in md  # validation beside test
+    record = {r["label"]: r for r in json.loads((all_experiments / "table2.json").read_text())["rows"]}
+    for label in ("PAD", RECIPE_LABEL):  # gate shares per bucket, warmest -> coldest, from the run's own JSON
+        gate = json.loads(Path(record[label]["run"]).with_suffix(".json").read_text())["gate_per_bucket"]
+        warm, cold = gate[min(gate, key=int)], gate[max(gate, key=int)]
+        assert f"| {label} | " + ", ".join(f"{e} {warm[e]:.2f}→{cold[e]:.2f}" for e in warm) + " |" in md
+    assert "| SASRec | id " not in md  # no gate, no shares
 
 
 def with_second_seed(rows):
