@@ -861,7 +861,8 @@ def render(exp, all_rows, summary, title, name, png):
                                  star=("PAD", p if diff > 0 else float("nan")), extra=extra)] + ([VALID_NOTE] if valid else [])
             if best:  # ★ only where PAD is above that row
                 md += [f"\nPAD vs the best other row ({best}), paired t-test over seeds on nDCG@10: "
-                       f"PAD {'above' if diff > 0 else 'below'} it by {abs(diff):.2f}, p = {p:.3g}"]
+                       f"PAD {'above' if diff > 0 else 'below'} it by {abs(diff):.2f}, p = "
+                       + ("n/a (one seed)" if math.isnan(p) else f"{p:.3g}")]
             md += comparisons_md(summary.get("comparisons", [])) + gates_md(t)
         elif exp == "deviations":  # each authors' choice against ours, seeds paired
             ours = {r["seed"]: r for r in t["ours"]}

@@ -86,7 +86,7 @@ def test_table2_rows_and_significance(all_experiments):
                              else open(r["run"].replace(".pt", ".json")).read())
         assert float(r["HR@10"]) == pytest.approx(metrics["test"]["HR@10"])  # the CSV is the runs' own metrics
     md = (all_experiments / "table2.md").read_text()
-    assert "| PAD | 1 |" in md and "PAD vs the best other row" in md
+    assert "| PAD | 1 |" in md and "PAD vs the best other row" in md and "p = n/a (one seed)" in md
     assert "| method | seeds | valid HR@10 | valid nDCG@10 | HR@10 | nDCG@10 | cold HR@10 |" in md  # validation beside test
     record = {r["label"]: r for r in json.loads((all_experiments / "table2.json").read_text())["rows"]}
     for label in ("PAD", RECIPE_LABEL):  # gate shares per bucket, warmest -> coldest, from the run's own JSON
