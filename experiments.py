@@ -13,7 +13,9 @@ run), EXP.json (the rows and the summary), EXP.md (the table) and EXP.png (the f
 --preset P they are EXP-P.* and the runs are named _P.
 
   table2  SASRec, Hybrid, MoRec, CTRL, MAKE, DisCo, SMEM and PAD: HR@10 / nDCG@10 mean ± std,
-          Impr. of PAD over SASRec, paired t-test of PAD against the best baseline (★: above it, p < 0.05)
+          Impr. of PAD over SASRec, paired t-test of PAD against the best baseline (★: above it, p < 0.05);
+          beyond the paper SASRec (CE), text-kNN, the text path, the recipe and the verdict's controls,
+          validation beside test, gate shares per bucket
   table3  GRU4Rec and Caser alone ("Origin") and inside PAD
   fig2    HR@10 of SASRec and PAD on warm / median / cold target items
   fig3    cold item pairs with the top / bottom 10% collaborative distance: their distances
